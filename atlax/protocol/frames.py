@@ -1,0 +1,290 @@
+"""Frame layout: the 12-byte header, payload codecs, and an incremental decoder.
+
+Nothing here keeps per-stream state; `connection.py` does. The decoder only checks what can be
+checked from one frame alone (reserved bits, sizes, which frames live on stream 0).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import ErrorCode, RemoteProtocolError
+
+HEADER = struct.Struct("!IIBBH")
+HEADER_SIZE = HEADER.size  # 12
+MAX_STREAM_ID = 2**31 - 1
+MAX_WINDOW = 2**31 - 1
+MIN_MAX_FRAME_SIZE = 16_384
+MAX_MAX_FRAME_SIZE = 16_777_215
+ALPN = "atlax/1"
+
+_U32 = struct.Struct("!I")
+_GOAWAY = struct.Struct("!II")
+_SETTING = struct.Struct("!HI")
+SERVICE_NAME = re.compile(r"[a-z0-9_-]{1,63}")
+
+
+class FrameType(enum.IntEnum):
+    DATA = 0x0
+    OPEN = 0x1
+    WINDOW_UPDATE = 0x2
+    RESET = 0x3
+    PING = 0x4
+    GOAWAY = 0x5
+    SETTINGS = 0x6
+
+
+class Flag(enum.IntFlag):
+    FIN = 0x1
+    ACK = 0x2
+
+
+class SettingId(enum.IntEnum):
+    INITIAL_WINDOW = 0x1
+    MAX_FRAME_SIZE = 0x2
+    MAX_STREAMS = 0x3
+
+
+class OptionType(enum.IntEnum):
+    ORIGIN = 0x01
+
+
+_CONNECTION_FRAMES = frozenset({FrameType.PING, FrameType.GOAWAY, FrameType.SETTINGS})
+_FIXED_SIZES = {FrameType.WINDOW_UPDATE: 4, FrameType.RESET: 4, FrameType.PING: 8}
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: FrameType
+    flags: int
+    stream_id: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the *sender* of a SETTINGS frame accepts."""
+
+    initial_window: int = 262_144
+    max_frame_size: int = MIN_MAX_FRAME_SIZE
+    max_streams: int = 1024
+
+    def validate(self, error: type[Exception] = ValueError) -> None:
+        if not 1024 <= self.initial_window <= MAX_WINDOW:
+            raise error(f"INITIAL_WINDOW {self.initial_window} out of range 1024..{MAX_WINDOW}")
+        if not MIN_MAX_FRAME_SIZE <= self.max_frame_size <= MAX_MAX_FRAME_SIZE:
+            raise error(
+                f"MAX_FRAME_SIZE {self.max_frame_size} out of range "
+                f"{MIN_MAX_FRAME_SIZE}..{MAX_MAX_FRAME_SIZE}"
+            )
+        if not 0 <= self.max_streams <= MAX_STREAM_ID:
+            raise error(f"MAX_STREAMS {self.max_streams} out of range 0..{MAX_STREAM_ID}")
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a public client came from and which relay address it reached (PROXY protocol)."""
+
+    source: ipaddress.IPv4Address | ipaddress.IPv6Address
+    source_port: int
+    destination: ipaddress.IPv4Address | ipaddress.IPv6Address
+    destination_port: int
+
+    def __post_init__(self) -> None:
+        if self.source.version != self.destination.version:
+            raise ValueError("origin source and destination must be the same address family")
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+
+def encode_header(type_: FrameType, flags: int, stream_id: int, length: int) -> bytes:
+    return HEADER.pack(stream_id, length, type_, flags, 0)
+
+
+def encode_frame(type_: FrameType, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(stream_id, len(payload), type_, flags, 0) + payload
+
+
+def encode_settings(settings: Settings) -> bytes:
+    payload = b"".join(
+        _SETTING.pack(ident, value)
+        for ident, value in (
+            (SettingId.INITIAL_WINDOW, settings.initial_window),
+            (SettingId.MAX_FRAME_SIZE, settings.max_frame_size),
+            (SettingId.MAX_STREAMS, settings.max_streams),
+        )
+    )
+    return encode_frame(FrameType.SETTINGS, 0, 0, payload)
+
+
+def encode_open_payload(service: str, origin: Origin | None = None) -> bytes:
+    if not SERVICE_NAME.fullmatch(service):
+        raise ValueError(f"service name {service!r} must be 1-63 characters of [a-z0-9_-]")
+    name = service.encode("ascii")
+    parts = [bytes([len(name)]), name]
+    if origin is not None:
+        value = (
+            bytes([origin.source.version])
+            + origin.source.packed
+            + origin.source_port.to_bytes(2, "big")
+            + origin.destination.packed
+            + origin.destination_port.to_bytes(2, "big")
+        )
+        parts += [bytes([OptionType.ORIGIN]), len(value).to_bytes(2, "big"), value]
+    return b"".join(parts)
+
+
+def encode_goaway_payload(last_stream_id: int, error_code: int, message: str) -> bytes:
+    return _GOAWAY.pack(last_stream_id, error_code) + message.encode("utf-8")
+
+
+def encode_u32(value: int) -> bytes:
+    return _U32.pack(value)
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+def decode_u32(payload: bytes) -> int:
+    value: int = _U32.unpack(payload)[0]
+    return value
+
+
+def decode_settings(payload: bytes) -> Settings:
+    default = Settings()
+    values = {
+        SettingId.INITIAL_WINDOW: default.initial_window,
+        SettingId.MAX_FRAME_SIZE: default.max_frame_size,
+        SettingId.MAX_STREAMS: default.max_streams,
+    }
+    for ident, value in _SETTING.iter_unpack(payload):
+        if ident in values:
+            values[SettingId(ident)] = value
+    settings = Settings(
+        initial_window=values[SettingId.INITIAL_WINDOW],
+        max_frame_size=values[SettingId.MAX_FRAME_SIZE],
+        max_streams=values[SettingId.MAX_STREAMS],
+    )
+    settings.validate(RemoteProtocolError)
+    return settings
+
+
+def decode_open_payload(payload: bytes) -> tuple[str, Origin | None]:
+    if not payload:
+        raise RemoteProtocolError("OPEN without a service name")
+    end = 1 + payload[0]
+    raw = payload[1:end]
+    if len(raw) != payload[0]:
+        raise RemoteProtocolError("OPEN service name is truncated")
+    service = raw.decode("ascii", errors="replace")
+    if not SERVICE_NAME.fullmatch(service):
+        raise RemoteProtocolError(f"OPEN service name {service!r} is not [a-z0-9_-]{{1,63}}")
+    origin: Origin | None = None
+    pos = end
+    while pos < len(payload):
+        if pos + 3 > len(payload):
+            raise RemoteProtocolError("OPEN option header is truncated")
+        kind = payload[pos]
+        length = int.from_bytes(payload[pos + 1 : pos + 3], "big")
+        value = payload[pos + 3 : pos + 3 + length]
+        if len(value) != length:
+            raise RemoteProtocolError("OPEN option value is truncated")
+        pos += 3 + length
+        if kind == OptionType.ORIGIN:
+            origin = _decode_origin(value)
+    return service, origin
+
+
+def _decode_origin(value: bytes) -> Origin:
+    sizes = {4: 4, 6: 16}
+    if not value or value[0] not in sizes or len(value) != 1 + 2 * (sizes[value[0]] + 2):
+        raise RemoteProtocolError("OPEN ORIGIN option is malformed")
+    n = sizes[value[0]]
+    addr = ipaddress.IPv4Address if n == 4 else ipaddress.IPv6Address
+    src = addr(value[1 : 1 + n])
+    src_port = int.from_bytes(value[1 + n : 3 + n], "big")
+    dst = addr(value[3 + n : 3 + 2 * n])
+    dst_port = int.from_bytes(value[3 + 2 * n : 5 + 2 * n], "big")
+    return Origin(src, src_port, dst, dst_port)
+
+
+def decode_goaway_payload(payload: bytes) -> tuple[int, int, str]:
+    last_stream_id, code = _GOAWAY.unpack_from(payload)
+    if last_stream_id > MAX_STREAM_ID:
+        raise RemoteProtocolError("GOAWAY last stream id has the reserved bit set")
+    try:
+        message = payload[8:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise RemoteProtocolError("GOAWAY message is not UTF-8") from None
+    return last_stream_id, code, message
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames, checking what one frame alone can violate."""
+
+    def __init__(self, max_frame_size: int = MIN_MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> Iterator[Frame]:
+        """Yield every complete frame in the buffered bytes plus `data`.
+
+        Raises RemoteProtocolError on the first invalid header; bytes after it are never read.
+        """
+        buf = self._buffer
+        buf += data
+        pos = 0
+        end = len(buf)
+        try:
+            while end - pos >= HEADER_SIZE:
+                stream_id, length, raw_type, flags, reserved = HEADER.unpack_from(buf, pos)
+                type_ = self._check_header(stream_id, length, raw_type, reserved)
+                if end - pos - HEADER_SIZE < length:
+                    break
+                start = pos + HEADER_SIZE
+                payload = bytes(buf[start : start + length])
+                pos = start + length
+                yield Frame(type_, flags, stream_id, payload)
+        finally:
+            del buf[:pos]
+
+    def _check_header(self, stream_id: int, length: int, raw_type: int, reserved: int) -> FrameType:
+        if stream_id > MAX_STREAM_ID or reserved:
+            raise RemoteProtocolError("frame header has reserved bits set")
+        if length > self.max_frame_size:
+            raise RemoteProtocolError(
+                f"frame of {length} bytes exceeds MAX_FRAME_SIZE {self.max_frame_size}",
+                ErrorCode.FRAME_SIZE_ERROR,
+            )
+        try:
+            type_ = FrameType(raw_type)
+        except ValueError:
+            raise RemoteProtocolError(f"unknown frame type 0x{raw_type:x}") from None
+        if (type_ in _CONNECTION_FRAMES) != (stream_id == 0):
+            where = "stream 0" if stream_id == 0 else f"stream {stream_id}"
+            raise RemoteProtocolError(f"{type_.name} frame is not allowed on {where}")
+        fixed = _FIXED_SIZES.get(type_)
+        if fixed is not None and length != fixed:
+            raise RemoteProtocolError(
+                f"{type_.name} payload must be {fixed} bytes, got {length}",
+                ErrorCode.FRAME_SIZE_ERROR,
+            )
+        if type_ is FrameType.GOAWAY and length < 8:
+            raise RemoteProtocolError(
+                "GOAWAY payload is shorter than 8 bytes", ErrorCode.FRAME_SIZE_ERROR
+            )
+        if type_ is FrameType.SETTINGS and length % 6:
+            raise RemoteProtocolError(
+                "SETTINGS payload is not a multiple of 6", ErrorCode.FRAME_SIZE_ERROR
+            )
+        return type_

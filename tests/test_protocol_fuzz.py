@@ -1,0 +1,87 @@
+"""Property tests: whatever bytes arrive, the core answers with events or its own typed error."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from atlax.protocol import Connection, Origin, RemoteProtocolError, Role, Settings
+from atlax.protocol.frames import (
+    FrameDecoder,
+    decode_open_payload,
+    encode_frame,
+    encode_open_payload,
+    encode_settings,
+)
+
+FRAME = st.builds(
+    lambda t, f, s, p: encode_frame(t, f, s, p),  # type: ignore[arg-type]
+    st.integers(0, 7),
+    st.integers(0, 255),
+    st.sampled_from([0, 1, 2, 3, 4, 6, 2**31 - 1]),
+    st.binary(max_size=64),
+)
+
+
+def _feed(conn: Connection, chunks: list[bytes]) -> None:
+    try:
+        for chunk in chunks:
+            conn.receive_data(chunk, now=0.0)
+    except RemoteProtocolError:
+        pass
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=256), max_size=8), st.sampled_from(list(Role)))
+def test_arbitrary_bytes_give_only_protocol_errors(chunks: list[bytes], role: Role) -> None:
+    _feed(Connection(role), chunks)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(FRAME, max_size=12), st.sampled_from(list(Role)))
+def test_arbitrary_frames_after_a_valid_start(frames: list[bytes], role: Role) -> None:
+    """Well-formed headers with random content reach the state machine, not just the decoder."""
+    start = encode_settings(Settings())
+    _feed(Connection(role), [start, *frames])
+
+
+@given(st.binary(max_size=64))
+def test_open_payload_decoder(payload: bytes) -> None:
+    try:
+        decode_open_payload(payload)
+    except RemoteProtocolError:
+        pass
+
+
+@given(st.lists(FRAME, max_size=10), st.data())
+def test_split_points_do_not_change_frames(frames: list[bytes], data: st.DataObject) -> None:
+    stream = b"".join(frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    whole, split = [], []
+    try:
+        whole = list(FrameDecoder(1 << 20).feed(stream))
+    except RemoteProtocolError:
+        return
+    decoder = FrameDecoder(1 << 20)
+    for piece in pieces:
+        split += list(decoder.feed(piece))
+    assert split == whole
+
+
+ADDRESS_V4 = st.ip_addresses(v=4)
+PORT = st.integers(0, 65535)
+
+
+@given(st.from_regex(r"[a-z0-9_-]{1,63}", fullmatch=True), ADDRESS_V4, PORT, ADDRESS_V4, PORT)
+def test_open_round_trips(
+    name: str,
+    src: ipaddress.IPv4Address,
+    sport: int,
+    dst: ipaddress.IPv4Address,
+    dport: int,
+) -> None:
+    origin = Origin(src, sport, dst, dport)
+    assert decode_open_payload(encode_open_payload(name, origin)) == (name, origin)
