@@ -1,0 +1,201 @@
+"""The agent: dials the relay, keeps the tunnel up, and forwards streams to local services.
+
+The agent alone decides where streams go: the relay names a service, and only services listed
+in the agent's own configuration are reachable. Certificates are read from disk on every
+connection attempt, and a change on disk makes the agent reconnect with the new files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import ssl
+from collections.abc import Mapping
+from pathlib import Path
+
+import anyio
+import anyio.abc
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
+from anyio.streams.tls import TLSAttribute
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
+
+from .config import AgentSettings, HostPort
+from .mux import MuxSession, MuxStream
+from .pipe import pipe
+from .protocol import ALPN, ErrorCode, KeepaliveConfig, Role, Settings, error_name
+from .tls import TLSConfigError, agent_context
+
+log = logging.getLogger("atlax.agent")
+
+TUNNEL_SETTINGS = Settings(initial_window=1 << 20, max_frame_size=256 * 1024, max_streams=16384)
+# A tunnel that stayed up this long counts as healthy: the next reconnect starts a fresh backoff.
+HEALTHY_AFTER = 10.0
+CERT_CHECK_INTERVAL = 30.0
+
+
+class TunnelDownError(Exception):
+    """One connection attempt failed or a tunnel ended early; the message says why."""
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        services: Mapping[str, HostPort],
+        *,
+        cert_check_interval: float = CERT_CHECK_INTERVAL,
+    ) -> None:
+        self.settings = settings
+        self.services = dict(services)
+        self.cert_check_interval = cert_check_interval
+        self.session: MuxSession | None = None
+        self.connected = anyio.Event()  # set on every successful connect, replaced on loss
+        self.connects = 0
+        self.last_error: str | None = None
+
+    async def run(self) -> None:
+        """Keep a tunnel up forever (until cancelled), with exponential backoff and full jitter."""
+        s = self.settings
+        while True:
+            retrying = AsyncRetrying(
+                wait=wait_random_exponential(multiplier=s.backoff_initial, max=s.backoff_cap),
+                retry=retry_if_exception_type(TunnelDownError),
+                sleep=anyio.sleep,
+                before_sleep=self._log_retry,
+            )
+            async for attempt in retrying:
+                with attempt:
+                    await self._connect_once()
+            # A healthy tunnel ended: reconnect soon, with a little jitter so that agents of a
+            # restarted relay do not all arrive at the same instant.
+            await anyio.sleep(random.uniform(0, s.backoff_initial))
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        delay = state.next_action.sleep if state.next_action else 0.0
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("tunnel to %s down: %s; retrying in %.1fs", self.settings.relay, exc, delay)
+
+    async def _connect_once(self) -> None:
+        """Connect, serve until the tunnel ends. Raises TunnelDownError unless it was healthy."""
+        s = self.settings
+        try:
+            context = agent_context(s.ca, s.cert, s.key)
+        except TLSConfigError as exc:
+            raise TunnelDownError(str(exc)) from None
+        fingerprint = _fingerprint(s.cert, s.key, s.ca)
+        server_name = s.server_name or s.relay.host
+        try:
+            with anyio.fail_after(s.connect_timeout):
+                tls = await anyio.connect_tcp(
+                    s.relay.host,
+                    s.relay.port,
+                    ssl_context=context,
+                    tls_hostname=server_name,
+                    tls_standard_compatible=False,
+                )
+        except TimeoutError:
+            raise TunnelDownError(f"connecting timed out after {s.connect_timeout:g}s") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise TunnelDownError(f"relay certificate rejected: {exc.verify_message}") from None
+        except (OSError, ssl.SSLError, BrokenResourceError, EndOfStream) as exc:
+            raise TunnelDownError(_describe(exc)) from None
+        if tls.extra(TLSAttribute.alpn_protocol) != ALPN:
+            await tls.aclose()
+            raise TunnelDownError(f"relay did not negotiate ALPN {ALPN}")
+        session = MuxSession(
+            tls,
+            Role.CLIENT,
+            settings=TUNNEL_SETTINGS,
+            keepalive=KeepaliveConfig(s.keepalive_interval, s.keepalive_timeout),
+            handler=self._serve_stream,
+            name="tunnel",
+        )
+        started = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+
+            async def announce() -> None:
+                try:
+                    await session.wait_ready()
+                except BrokenResourceError:
+                    return
+                self.session = session
+                self.connects += 1
+                self.connected.set()
+                log.info("tunnel up to %s", s.relay)
+
+            async def watch_certificates() -> None:
+                while True:
+                    await anyio.sleep(self.cert_check_interval)
+                    if _fingerprint(s.cert, s.key, s.ca) != fingerprint:
+                        log.info("certificate files changed on disk; reconnecting with them")
+                        session.close(ErrorCode.NO_ERROR, "agent certificate renewed")
+                        return
+
+            tg.start_soon(announce)
+            tg.start_soon(watch_certificates)
+            await session.run()
+            tg.cancel_scope.cancel()
+        if self.session is session:
+            self.session = None
+            self.connected = anyio.Event()
+        reason = self._reason(session)
+        self.last_error = reason
+        healthy = session.goaway is None or session.goaway.error_code == ErrorCode.NO_ERROR
+        if healthy and anyio.current_time() - started >= HEALTHY_AFTER:
+            log.warning("tunnel to %s ended: %s", s.relay, reason)
+            return
+        raise TunnelDownError(reason)
+
+    @staticmethod
+    def _reason(session: MuxSession) -> str:
+        if session.goaway is not None and session.goaway.error_code != ErrorCode.NO_ERROR:
+            g = session.goaway
+            return f"relay closed the tunnel ({error_name(g.error_code)}): {g.message}"
+        if session.goaway is not None:
+            return f"relay is going away: {session.goaway.message or 'no reason given'}"
+        return session.error or "tunnel closed"
+
+    async def _serve_stream(self, stream: MuxStream) -> None:
+        target = self.services.get(stream.service)
+        if target is None:
+            log.warning("relay asked for unknown service %r; refusing", stream.service)
+            stream.reset(ErrorCode.UNKNOWN_SERVICE)
+            return
+        try:
+            with anyio.fail_after(self.settings.connect_timeout):
+                local = await anyio.connect_tcp(target.host, target.port)
+        except (OSError, TimeoutError) as exc:
+            log.warning(
+                "service %r at %s: connect failed: %s", stream.service, target, _describe(exc)
+            )
+            stream.reset(ErrorCode.CONNECT_FAILED)
+            return
+        async with local:
+            ok = await pipe(stream, local)
+            if not ok:
+                stream.reset(ErrorCode.CANCEL)
+
+
+def _fingerprint(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            digest.update(path.read_bytes())
+        except OSError:
+            digest.update(b"missing")
+    return digest.hexdigest()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, ExceptionGroup):
+        return "; ".join(sorted({_describe(e) for e in exc.exceptions}))
+    if isinstance(exc, (EndOfStream, ClosedResourceError)):
+        return "connection closed"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__

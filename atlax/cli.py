@@ -1,0 +1,363 @@
+"""The `atlax` command. Errors reach the user as one line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import anyio
+
+from . import __version__, certs
+from .config import (
+    AgentConfig,
+    AgentSettings,
+    ConfigError,
+    load_agent_config,
+    load_relay_config,
+    parse_host_port,
+    parse_service_mapping,
+)
+from .relay import PortConflictError, Relay
+from .tls import TLSConfigError
+
+log = logging.getLogger("atlax")
+
+
+class UsageError(Exception):
+    """Bad command-line input that argparse itself cannot catch."""
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    ca = certs.create_ca(args.name, certs.parse_lifetime(args.lifetime))
+    crt, key = certs.write_ca(ca, Path(args.dir), overwrite=args.force)
+    print(f"wrote {crt} and {key}")
+    return 0
+
+
+def cmd_cert_issue(args: argparse.Namespace) -> int:
+    ca = certs.load_ca(Path(args.ca_dir))
+    if args.server:
+        lifetime = certs.parse_lifetime(args.lifetime or "365d")
+        pair = certs.issue_server_certificate(ca, args.name, args.san or [args.name], lifetime)
+    else:
+        if args.san:
+            raise UsageError("--san applies to --server certificates only")
+        lifetime = certs.parse_lifetime(args.lifetime or "90d")
+        pair = certs.issue_client_certificate(ca, args.name, lifetime)
+    crt, key = certs.write_pair(pair, Path(args.out_dir), args.name)
+    print(f"wrote {crt} and {key} (valid until {pair.not_valid_after:%Y-%m-%d %H:%M} UTC)")
+    return 0
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    config = load_relay_config(Path(args.config))
+    if config.relay.control_socket is not None and config.agents:
+        raise ConfigError(
+            f"{args.config}: [[agents]] cannot be combined with control_socket; "
+            "with a control socket, agents come from the control API only"
+        )
+    relay = Relay(config.relay, config.agents)
+    return _run(_serve_relay, relay)
+
+
+async def _serve_relay(relay: Relay) -> None:
+    from .control import ControlServer
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(relay.serve)
+        if relay.settings.control_socket is not None:
+            await tg.start(ControlServer(relay, relay.settings.control_socket).serve)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                await relay.shutdown()
+                tg.cancel_scope.cancel()
+                return
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from .agent import Agent
+
+    config = _agent_config(args)
+    if not config.services:
+        raise UsageError(
+            "the agent exposes no service: give --service NAME=HOST:PORT or [services]"
+        )
+    agent = Agent(config.agent, config.services)
+    for name, target in sorted(config.services.items()):
+        log.info("exposing service %r -> %s", name, target)
+    return _run(_until_signal, agent.run)
+
+
+def _agent_config(args: argparse.Namespace) -> AgentConfig:
+    flags = {"relay": args.relay, "ca": args.ca, "cert": args.cert, "key": args.key}
+    if args.config:
+        config = load_agent_config(Path(args.config))
+        updates: dict[str, Any] = {}
+        if args.relay:
+            updates["relay"] = parse_host_port(args.relay)
+        for key in ("ca", "cert", "key"):
+            if flags[key]:
+                updates[key] = Path(flags[key]).resolve()
+        if args.server_name:
+            updates["server_name"] = args.server_name
+        if args.backoff_cap is not None:
+            updates["backoff_cap"] = args.backoff_cap
+        services = dict(config.services)
+        services.update(parse_service_mapping(s) for s in args.service)
+        return AgentConfig(agent=config.agent.model_copy(update=updates), services=services)
+    missing = [f"--{k}" for k, v in flags.items() if not v]
+    if missing:
+        raise UsageError(f"give --config FILE, or all of {', '.join(missing)}")
+    try:
+        settings = AgentSettings(
+            relay=parse_host_port(args.relay),
+            ca=Path(args.ca).resolve(),
+            cert=Path(args.cert).resolve(),
+            key=Path(args.key).resolve(),
+            server_name=args.server_name,
+            **({"backoff_cap": args.backoff_cap} if args.backoff_cap is not None else {}),
+        )
+    except ValueError as exc:
+        raise UsageError(_first_line(exc)) from None
+    services = dict(parse_service_mapping(s) for s in args.service)
+    return AgentConfig(agent=settings, services=services)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    def ready(url: str) -> None:
+        print(f"Atlax demo is up. Public URL: {url}", flush=True)
+        print(f"Try: curl {url}    (Ctrl-C to stop)", flush=True)
+
+    async def main() -> None:
+        await run_demo(args.public_port, args.agent_port, ready)
+
+    return _run(_until_signal, main)
+
+
+async def _until_signal(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(main)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                tg.cancel_scope.cancel()
+                return
+
+
+def _run(func: Callable[..., Awaitable[None]], *args: Any) -> int:
+    options: dict[str, Any] = {}
+    try:
+        import uvloop  # noqa: F401
+
+        options["use_uvloop"] = True
+    except ImportError:
+        pass
+    anyio.run(func, *args, backend="asyncio", backend_options=options)
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atlax",
+        description="Atlax: a reverse TLS tunnel. A relay with a public address forwards TCP "
+        "ports through one mutually authenticated TLS 1.3 connection to an agent behind NAT.",
+    )
+    parser.add_argument("--version", action="version", version=f"atlax {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default: info)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    ca = sub.add_parser("ca", help="manage the certificate authority", description="Manage the CA.")
+    ca_sub = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+    init = ca_sub.add_parser(
+        "init",
+        help="create a CA (ca.crt, ca.key)",
+        description="Create a new CA: writes ca.crt and ca.key (mode 0600) into --dir.",
+    )
+    init.add_argument("--dir", required=True, help="directory to write ca.crt and ca.key into")
+    init.add_argument("--name", default="Atlax CA", help="the CA's Common Name")
+    init.add_argument(
+        "--lifetime", default="3650d", help="validity, e.g. 3650d, 10y (default 3650d)"
+    )
+    init.add_argument("--force", action="store_true", help="overwrite an existing CA")
+    init.set_defaults(func=cmd_ca_init)
+
+    cert = sub.add_parser(
+        "cert", help="issue certificates", description="Issue certificates from the CA."
+    )
+    cert_sub = cert.add_subparsers(dest="cert_command", metavar="ACTION", required=True)
+    issue = cert_sub.add_parser(
+        "issue",
+        help="issue an agent (client) or relay (server) certificate",
+        description="Issue a certificate signed by the CA in --ca-dir. Writes NAME.crt and "
+        "NAME.key (mode 0600) into --out-dir. For --client the Common Name NAME is the agent's "
+        "identity; for --server give the relay's DNS names and IPs with --san.",
+    )
+    issue.add_argument("--ca-dir", required=True, help="directory holding ca.crt and ca.key")
+    issue.add_argument(
+        "--name", required=True, help="Common Name (the agent identity for --client)"
+    )
+    kind = issue.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--client", action="store_true", help="an agent certificate")
+    kind.add_argument("--server", action="store_true", help="a relay certificate")
+    issue.add_argument(
+        "--san",
+        action="append",
+        metavar="NAME_OR_IP",
+        help="subject alternative name (repeatable; --server only)",
+    )
+    issue.add_argument(
+        "--lifetime", help="validity, e.g. 90d, 12h (default 90d client, 365d server)"
+    )
+    issue.add_argument(
+        "--out-dir", required=True, help="directory to write NAME.crt and NAME.key into"
+    )
+    issue.set_defaults(func=cmd_cert_issue)
+
+    relay = sub.add_parser(
+        "relay",
+        help="run the relay",
+        description="Run the relay: accept agents over mutual TLS on [relay].listen and forward "
+        "each configured public port to its agent's service. SIGTERM drains open streams.",
+    )
+    relay.add_argument("--config", required=True, help="relay.toml (see README)")
+    relay.set_defaults(func=cmd_relay)
+
+    agent = sub.add_parser(
+        "agent",
+        help="run an agent",
+        description="Run an agent: dial the relay, keep the tunnel up, forward streams to the "
+        "local services given here. Flags override --config values.",
+    )
+    agent.add_argument("--config", help="agent.toml (see README)")
+    agent.add_argument("--relay", metavar="HOST:PORT", help="the relay's agent address")
+    agent.add_argument("--ca", help="CA certificate that issued the relay's certificate")
+    agent.add_argument("--cert", help="this agent's client certificate")
+    agent.add_argument("--key", help="this agent's private key")
+    agent.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="expose a local service under NAME (repeatable)",
+    )
+    agent.add_argument(
+        "--server-name", help="relay host name to verify (default: the host of --relay)"
+    )
+    agent.add_argument(
+        "--backoff-cap", type=float, help="longest wait between reconnects, seconds (default 30)"
+    )
+    agent.set_defaults(func=cmd_agent)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a relay, an agent and a web service on this machine",
+        description="The embedded default: a throwaway CA, a relay, an agent and a small HTTP "
+        "service, all on 127.0.0.1. Prints the public URL and serves until Ctrl-C.",
+    )
+    demo.add_argument(
+        "--public-port",
+        type=int,
+        default=8080,
+        help="public port on 127.0.0.1 (default 8080; 0 = any free port)",
+    )
+    demo.add_argument(
+        "--agent-port", type=int, default=0, help="agent (mTLS) port (default: any free port)"
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    _extend(sub)
+    return parser
+
+
+def _extend(sub: Any) -> None:
+    """Commands that live in their own modules (control API client, operator)."""
+    for module in ("atlax.relayctl", "atlax.k8s.cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ImportError:
+            continue
+        mod.register(sub)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    print(f"atlax: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _control_errors() -> tuple[type[BaseException], ...]:
+    from .control import ControlSocketError
+
+    return (ControlSocketError,)
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    *_control_errors(),
+    UsageError,
+    ConfigError,
+    certs.CertificateError,
+    TLSConfigError,
+    PortConflictError,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        result: int = args.func(args)
+        return result
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        leaves = list(_leaves(exc))
+        if not leaves or not all(isinstance(e, _EXPECTED) for e in leaves):
+            raise  # a bug: keep the traceback
+        fail("; ".join(dict.fromkeys(_user_message(e) for e in leaves)))
+
+
+_EXPECTED = (*USER_ERRORS, ValueError, OSError)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _user_message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, USER_ERRORS) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return _first_line(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""The relay and agent configuration files (TOML), validated with pydantic.
+
+Paths inside a file are relative to that file. Every validation problem reaches the user as one
+line naming the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+_SERVICE = r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$"
+_AGENT = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
+class ConfigError(Exception):
+    """A configuration problem, as one line naming the file and key."""
+
+
+class HostPort(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(
+    text: str, *, default_port: int | None = None, allow_zero: bool = False
+) -> HostPort:
+    """'host:port', '1.2.3.4:5', '[::1]:80' (or a bare host with `default_port`)."""
+    text = text.strip()
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]\s]+)(?::(\d+))?", text)
+    if not match:
+        raise ValueError(f"{text!r} is not HOST:PORT (use [addr]:port for IPv6)")
+    host = match.group(1) or match.group(3)
+    port_text = match.group(2) or match.group(4)
+    if match.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{text!r} has no port (expected HOST:PORT)")
+        return HostPort(host, default_port)
+    port = int(port_text)
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ValueError(f"{text!r}: port must be between {0 if allow_zero else 1} and 65535")
+    return HostPort(host, port)
+
+
+def _host_port(value: Any) -> Any:
+    if isinstance(value, str):
+        return parse_host_port(value)
+    return value
+
+
+HostPortField = Annotated[HostPort, BeforeValidator(_host_port)]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServiceSpec(_Model):
+    """A public port on the relay, forwarded to the agent's service of the same name."""
+
+    name: str = Field(pattern=_SERVICE, max_length=63)
+    port: int = Field(ge=1, le=65535)
+    proxy_protocol: Literal["v2"] | None = None
+    allow: tuple[Network, ...] = ()
+    max_connections: int | None = Field(default=None, ge=1)
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            out = []
+            for item in value:
+                try:
+                    out.append(ipaddress.ip_network(item, strict=False))
+                except (ValueError, TypeError):
+                    raise ValueError(f"{item!r} is not a CIDR range like 203.0.113.0/24") from None
+            return tuple(out)
+        return value
+
+
+class AgentSpec(_Model):
+    name: str = Field(pattern=_AGENT, max_length=63)
+    services: tuple[ServiceSpec, ...]
+    max_streams: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> AgentSpec:
+        for attr in ("name", "port"):
+            seen: set[object] = set()
+            for service in self.services:
+                value = getattr(service, attr)
+                if value in seen:
+                    raise ValueError(f"service {attr} {value!r} appears twice")
+                seen.add(value)
+        return self
+
+
+class RelaySettings(_Model):
+    listen: HostPortField
+    ca: Path
+    cert: Path
+    key: Path
+    control_socket: Path | None = None
+    public_host: str = "0.0.0.0"
+    metrics: HostPortField | None = None
+    keepalive_interval: float = Field(default=10.0, gt=0)
+    keepalive_timeout: float = Field(default=30.0, gt=0)
+    handshake_timeout: float = Field(default=10.0, gt=0)
+    max_agents: int = Field(default=1000, ge=1)
+    max_streams_per_agent: int = Field(default=4096, ge=1)
+    max_connections_per_port: int = Field(default=1024, ge=1)
+    drain_timeout: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _keepalive(self) -> RelaySettings:
+        if self.keepalive_timeout <= self.keepalive_interval:
+            raise ValueError("keepalive_timeout must be greater than keepalive_interval")
+        return self
+
+
+class RelayConfig(_Model):
+    relay: RelaySettings
+    agents: tuple[AgentSpec, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> RelayConfig:
+        names: set[str] = set()
+        ports: dict[int, str] = {}
+        for agent in self.agents:
+            if agent.name in names:
+                raise ValueError(f"agent {agent.name!r} appears twice")
+            names.add(agent.name)
+            for service in agent.services:
+                other = ports.setdefault(service.port, agent.name)
+                if other != agent.name:
+                    raise ValueError(
+                        f"port {service.port} is used by agents {other!r} and {agent.name!r}"
+                    )
+        return self
+
+
+class AgentSettings(_Model):
+    relay: HostPortField
+    ca: Path
+    cert: Path
+    key: Path
+    server_name: str | None = None
+    backoff_initial: float = Field(default=0.5, gt=0)
+    backoff_cap: float = Field(default=30.0, gt=0)
+    keepalive_interval: float = Field(default=10.0, gt=0)
+    keepalive_timeout: float = Field(default=30.0, gt=0)
+    connect_timeout: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordering(self) -> AgentSettings:
+        if self.keepalive_timeout <= self.keepalive_interval:
+            raise ValueError("keepalive_timeout must be greater than keepalive_interval")
+        if self.backoff_cap < self.backoff_initial:
+            raise ValueError("backoff_cap must not be smaller than backoff_initial")
+        return self
+
+
+class AgentConfig(_Model):
+    agent: AgentSettings
+    services: dict[str, HostPortField] = Field(default_factory=dict)
+
+    @field_validator("services")
+    @classmethod
+    def _names(cls, value: dict[str, HostPort]) -> dict[str, HostPort]:
+        for name in value:
+            if not re.fullmatch(_SERVICE, name) or len(name) > 63:
+                raise ValueError(f"service name {name!r} must be 1-63 characters of [a-z0-9_-]")
+        return value
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not part.startswith(("function-", "tagged-union")):
+            out += f".{part}" if out else part
+    return out
+
+
+def _one_line(source: str, exc: ValidationError) -> ConfigError:
+    err = exc.errors()[0]
+    where = _location(err["loc"])
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif err["type"] == "missing":
+        message = "required key is missing"
+    elif err["type"] == "string_pattern_mismatch":
+        message = f"{err.get('input')!r} has characters that are not allowed"
+    more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+    return ConfigError(f"{source}: {where + ': ' if where else ''}{message}{more}")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _resolve(base: Path, table: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    out = dict(table)
+    for key in keys:
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = (base / value).resolve() if not Path(value).is_absolute() else Path(value)
+    return out
+
+
+def load_relay_config(path: Path) -> RelayConfig:
+    data = _read_toml(path)
+    relay = data.get("relay")
+    if isinstance(relay, dict):
+        data["relay"] = _resolve(path.parent, relay, ("ca", "cert", "key", "control_socket"))
+    try:
+        return RelayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _one_line(path.name, exc) from None
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    data = _read_toml(path)
+    agent = data.get("agent")
+    if isinstance(agent, dict):
+        data["agent"] = _resolve(path.parent, agent, ("ca", "cert", "key"))
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _one_line(path.name, exc) from None
+
+
+def parse_agent_spec(data: object, *, source: str) -> AgentSpec:
+    try:
+        return AgentSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _one_line(source, exc) from None
+
+
+def parse_service_mapping(text: str) -> tuple[str, HostPort]:
+    """'web=127.0.0.1:8080' for the agent's --service flag."""
+    name, sep, target = text.partition("=")
+    if not sep or not re.fullmatch(_SERVICE, name):
+        raise ValueError(f"--service {text!r}: expected NAME=HOST:PORT with NAME of [a-z0-9_-]")
+    try:
+        return name, parse_host_port(target)
+    except ValueError as exc:
+        raise ValueError(f"--service {text!r}: {exc}") from None

@@ -1,0 +1,202 @@
+"""The relay's control socket: a declarative JSON API over HTTP/1.1 on a Unix socket.
+
+    PUT    /agents/{name}   desired services and ports of one agent (idempotent, all or nothing)
+    DELETE /agents/{name}   close its ports, drop its tunnel, refuse its identity (revocation)
+    GET    /agents          live state of every agent
+    GET    /agents/{name}   live state of one agent
+    GET    /healthz         liveness, with this relay process's id
+
+The socket file is created with mode 0660 in a directory of mode 0750 or tighter: only the relay's
+own pod (which shares the directory through an emptyDir) can reach it. `relay_id` changes on every
+relay start, so a client can tell that a relay came back empty and must be told its state again.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import socket
+import stat
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from .config import ConfigError, parse_agent_spec
+from .http import Request, Response, request, serve_http_connection
+from .relay import PortConflictError, Relay, accept_loop
+
+log = logging.getLogger("atlax.control")
+
+_AGENT_PATH = re.compile(r"/agents/([^/]+)")
+
+
+class ControlSocketError(Exception):
+    """The control socket cannot be created or reached; the message names the path."""
+
+
+class ControlServer:
+    def __init__(self, relay: Relay, path: Path) -> None:
+        self.relay = relay
+        self.path = path
+        self.relay_id = uuid.uuid4().hex
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        listener = await self._listen()
+        log.info("control socket listening on %s", self.path)
+        try:
+            task_status.started()
+            await accept_loop(listener, self._handle)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+    async def _handle(self, stream: anyio.abc.SocketStream) -> None:
+        await serve_http_connection(stream, self.app)
+
+    async def _listen(self) -> anyio.abc.SocketListener:
+        path = self.path
+        try:
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ControlSocketError(f"cannot create {path.parent}: {exc.strerror}") from None
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ControlSocketError(
+                    f"{path} exists and is not a socket; remove it or choose another path"
+                )
+            if _socket_answers(path):
+                raise ControlSocketError(
+                    f"another relay is already serving the control socket {path}"
+                )
+            path.unlink()  # a stale socket left by a relay that died
+        old_umask = os.umask(0o117)  # the socket is born 0660: no window where others may connect
+        try:
+            listener = await anyio.create_unix_listener(path)
+        except OSError as exc:
+            raise ControlSocketError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o660)
+        return listener
+
+    async def app(self, req: Request) -> Response:
+        if req.path == "/healthz":
+            if req.method != "GET":
+                return _method_not_allowed("GET")
+            return Response.json(200, {"status": "ok", "relayId": self.relay_id})
+        if req.path == "/agents":
+            if req.method != "GET":
+                return _method_not_allowed("GET")
+            return Response.json(200, {"relayId": self.relay_id, "agents": self.relay.agents()})
+        match = _AGENT_PATH.fullmatch(req.path)
+        if match is None:
+            return Response.error(404, f"no such endpoint: {req.path}")
+        name = match.group(1)
+        if req.method == "GET":
+            state = self.relay.agent(name)
+            if state is None:
+                return Response.error(404, f"agent {name!r} is not configured")
+            return Response.json(200, state)
+        if req.method == "PUT":
+            return await self._put(name, req.body)
+        if req.method == "DELETE":
+            if not await self.relay.remove_agent(name):
+                return Response.error(404, f"agent {name!r} is not configured")
+            return Response.json(200, {"deleted": name})
+        return _method_not_allowed("GET, PUT, DELETE")
+
+    async def _put(self, name: str, body: bytes) -> Response:
+        try:
+            data = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError) as exc:
+            return Response.error(400, f"request body is not JSON: {exc}")
+        if not isinstance(data, dict):
+            return Response.error(
+                400, 'request body must be a JSON object like {"services": [...]}'
+            )
+        if "name" in data and data["name"] != name:
+            return Response.error(
+                400, f"body names agent {data['name']!r} but the path names {name!r}"
+            )
+        try:
+            spec = parse_agent_spec({**data, "name": name}, source=f"PUT /agents/{name}")
+        except ConfigError as exc:
+            return Response.error(400, str(exc))
+        try:
+            changed = await self.relay.apply_agent(spec)
+        except PortConflictError as exc:
+            return Response.error(409, str(exc), port=exc.port)
+        return Response.json(200, {"changed": changed, "agent": self.relay.agent(name)})
+
+
+def _method_not_allowed(allowed: str) -> Response:
+    return Response(405, b'{"error": "method not allowed"}\n', headers=[("allow", allowed)])
+
+
+def _socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+        return True
+
+
+class ControlClient:
+    """Async client of the control API (used by `atlax relayctl` and the operator)."""
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    async def call(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
+        body = b"" if payload is None else json.dumps(payload).encode()
+        try:
+            with anyio.fail_after(self.timeout):
+                async with await anyio.connect_unix(self.path) as stream:
+                    status, data = await request(stream, method, path, body)
+        except TimeoutError:
+            raise ControlSocketError(
+                f"control socket {self.path} did not answer in {self.timeout:g}s"
+            ) from None
+        except OSError as exc:
+            raise ControlSocketError(
+                f"cannot reach control socket {self.path}: {exc.strerror or exc}"
+            ) from None
+        try:
+            return status, json.loads(data) if data else None
+        except ValueError:
+            raise ControlSocketError(f"control socket {self.path} answered with non-JSON") from None
+
+    async def health(self) -> dict[str, Any]:
+        return await self._ok("GET", "/healthz")
+
+    async def agents(self) -> dict[str, Any]:
+        return await self._ok("GET", "/agents")
+
+    async def put_agent(
+        self, name: str, services: list[dict[str, Any]], **extra: Any
+    ) -> tuple[int, Any]:
+        return await self.call("PUT", f"/agents/{name}", {"services": services, **extra})
+
+    async def delete_agent(self, name: str) -> tuple[int, Any]:
+        return await self.call("DELETE", f"/agents/{name}")
+
+    async def _ok(self, method: str, path: str) -> dict[str, Any]:
+        status, data = await self.call(method, path)
+        if status != 200 or not isinstance(data, dict):
+            raise ControlSocketError(f"{method} {path}: HTTP {status}: {data}")
+        return data

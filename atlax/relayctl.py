@@ -1,0 +1,122 @@
+"""`atlax relayctl`: the command-line client of the relay's control socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .control import ControlClient, ControlSocketError
+
+DEFAULT_SOCKET = "/run/atlax/control.sock"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "relayctl",
+        help="talk to a running relay through its control socket",
+        description="Query and change a running relay through its control socket (HTTP/JSON on a "
+        "Unix socket; `curl --unix-socket PATH http://relay/agents` works too).",
+    )
+    p.add_argument(
+        "--socket",
+        default=os.environ.get("ATLAX_CONTROL_SOCKET", DEFAULT_SOCKET),
+        help=f"control socket path (default $ATLAX_CONTROL_SOCKET or {DEFAULT_SOCKET})",
+    )
+    actions = p.add_subparsers(dest="relayctl_command", metavar="ACTION", required=True)
+    actions.add_parser("health", help="is the relay alive", description="GET /healthz")
+    actions.add_parser("list", help="all agents and their live state", description="GET /agents")
+    get = actions.add_parser("get", help="one agent's live state", description="GET /agents/NAME")
+    get.add_argument("name")
+    put = actions.add_parser(
+        "put",
+        help="set an agent's services and public ports",
+        description="PUT /agents/NAME: all ports open or none (HTTP 409 names the port in use).",
+    )
+    put.add_argument("name")
+    put.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME=PORT",
+        help="service NAME on public PORT (repeatable)",
+    )
+    put.add_argument(
+        "--json", dest="json_file", help="the request body from a JSON file ('-' = stdin)"
+    )
+    delete = actions.add_parser(
+        "delete", help="remove an agent and revoke its identity", description="DELETE /agents/NAME"
+    )
+    delete.add_argument("name")
+    p.set_defaults(func=run)
+
+
+def _services(items: list[str]) -> list[dict[str, Any]]:
+    services = []
+    for item in items:
+        name, sep, port = item.partition("=")
+        if not sep or not name or not port.isdigit():
+            raise ValueError(f"--service {item!r}: expected NAME=PORT, e.g. web=8080")
+        services.append({"name": name, "port": int(port)})
+    return services
+
+
+def run(args: argparse.Namespace) -> int:
+    client = ControlClient(Path(args.socket))
+    command = args.relayctl_command
+    if command == "put":
+        if args.json_file:
+            text = sys.stdin.read() if args.json_file == "-" else Path(args.json_file).read_text()
+            try:
+                body = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"{args.json_file}: not JSON: {exc}") from None
+        else:
+            body = {"services": _services(args.service)}
+        method, path, payload = "PUT", f"/agents/{args.name}", body
+    elif command == "delete":
+        method, path, payload = "DELETE", f"/agents/{args.name}", None
+    elif command == "get":
+        method, path, payload = "GET", f"/agents/{args.name}", None
+    elif command == "list":
+        method, path, payload = "GET", "/agents", None
+    else:
+        method, path, payload = "GET", "/healthz", None
+
+    async def call() -> tuple[int, Any]:
+        return await client.call(method, path, payload)
+
+    status, data = anyio.run(call)
+    if status >= 400:
+        message = data.get("error") if isinstance(data, dict) else data
+        raise ControlSocketError(f"{method} {path}: HTTP {status}: {message}")
+    if command == "list" and isinstance(data, dict):
+        _print_table(data.get("agents", []))
+    else:
+        print(json.dumps(data, indent=2))
+    return 0
+
+
+def _print_table(agents: list[dict[str, Any]]) -> None:
+    rows = [("NAME", "CONNECTED", "PORTS", "STREAMS", "BYTES IN", "BYTES OUT", "LAST HEARTBEAT")]
+    for a in agents:
+        ports = ",".join(f"{s['name']}:{s['port']}" for s in a.get("services", []))
+        rows.append(
+            (
+                a["name"],
+                "yes" if a["connected"] else "no",
+                ports or "-",
+                str(a["activeStreams"]),
+                str(a["bytesIn"]),
+                str(a["bytesOut"]),
+                a.get("lastHeartbeat") or "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -1,0 +1,209 @@
+"""Shared fixtures: real certificates, a real relay and agent on 127.0.0.1, real services."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import pytest
+
+from atlax import certs
+from atlax.agent import Agent
+from atlax.config import AgentSettings, AgentSpec, HostPort, RelaySettings, ServiceSpec
+from atlax.relay import Relay
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Pki:
+    dir: Path
+    ca: Path
+    relay_crt: Path
+    relay_key: Path
+
+    def agent(self, name: str) -> tuple[Path, Path]:
+        return self.dir / f"{name}.crt", self.dir / f"{name}.key"
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, the relay's certificate, good agents, and the bad certificates auth tests need."""
+    d = tmp_path_factory.mktemp("pki")
+    ca = certs.create_ca("Test CA")
+    certs.write_ca(ca, d)
+    certs.write_pair(
+        certs.issue_server_certificate(ca, "relay", ["localhost", "127.0.0.1"]), d, "relay"
+    )
+    for name in ("home-nas", "office", "stranger"):
+        certs.write_pair(certs.issue_client_certificate(ca, name), d, name)
+    past = datetime.now(UTC) - timedelta(days=10)
+    expired = certs.issue_client_certificate(ca, "home-nas", timedelta(days=1), not_before=past)
+    certs.write_pair(expired, d, "expired")
+    foreign = certs.create_ca("Foreign CA")
+    certs.write_pair(certs.issue_client_certificate(foreign, "home-nas"), d, "foreign")
+    return Pki(d, d / "ca.crt", d / "relay.crt", d / "relay.key")
+
+
+def relay_settings(pki: Pki, **overrides: object) -> RelaySettings:
+    values: dict[str, object] = {
+        "listen": HostPort("127.0.0.1", free_port()),
+        "ca": pki.ca,
+        "cert": pki.relay_crt,
+        "key": pki.relay_key,
+        "public_host": "127.0.0.1",
+        "keepalive_interval": 1.0,
+        "keepalive_timeout": 3.0,
+        "drain_timeout": 2.0,
+    }
+    values.update(overrides)
+    return RelaySettings.model_validate(values)
+
+
+def agent_settings(
+    pki: Pki, relay: RelaySettings, identity: str = "home-nas", **overrides: object
+) -> AgentSettings:
+    cert, key = pki.agent(identity)
+    values: dict[str, object] = {
+        "relay": HostPort("localhost", relay.listen.port),
+        "ca": pki.ca,
+        "cert": cert,
+        "key": key,
+        "backoff_initial": 0.05,
+        "backoff_cap": 0.5,
+        "keepalive_interval": 1.0,
+        "keepalive_timeout": 3.0,
+    }
+    values.update(overrides)
+    return AgentSettings.model_validate(values)
+
+
+def spec(name: str, **ports: int) -> AgentSpec:
+    return AgentSpec(
+        name=name, services=tuple(ServiceSpec(name=s, port=p) for s, p in ports.items())
+    )
+
+
+# -- services ------------------------------------------------------------------------------------
+
+
+async def echo_handler(stream: anyio.abc.SocketStream) -> None:
+    """Echo everything; on EOF, half-close back."""
+    async with stream:
+        try:
+            while True:
+                await stream.send(await stream.receive(262144))
+        except anyio.EndOfStream:
+            await stream.send_eof()
+        except anyio.BrokenResourceError:
+            pass
+
+
+async def hash_handler(stream: anyio.abc.SocketStream) -> None:
+    """Read to EOF, then answer with the SHA-256 of what arrived (proves half-close works)."""
+    async with stream:
+        digest = hashlib.sha256()
+        try:
+            while True:
+                digest.update(await stream.receive(262144))
+        except anyio.EndOfStream:
+            await stream.send(digest.hexdigest().encode())
+
+
+@asynccontextmanager
+async def tcp_service(
+    handler: Callable[[anyio.abc.SocketStream], Awaitable[None]],
+) -> AsyncIterator[HostPort]:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handler)
+        try:
+            yield HostPort("127.0.0.1", port)
+        finally:
+            tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def running_relay(relay: Relay) -> AsyncIterator[Relay]:
+    async with anyio.create_task_group() as tg:
+        await tg.start(relay.serve)
+        try:
+            yield relay
+        finally:
+            tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def running_agent(agent: Agent, wait: bool = True) -> AsyncIterator[Agent]:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(agent.run)
+        if wait:
+            with anyio.fail_after(10):
+                await agent.connected.wait()
+        try:
+            yield agent
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def wait_until(
+    predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.02)
+
+
+async def exchange(port: int, payload: bytes, *, chunk: int = 65536) -> bytes:
+    """Connect to 127.0.0.1:port, send payload, half-close, return everything received."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as conn:
+        received = bytearray()
+
+        async def reader() -> None:
+            try:
+                while True:
+                    received.extend(await conn.receive(262144))
+            except anyio.EndOfStream:
+                return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            view = memoryview(payload)
+            for i in range(0, len(view), chunk):
+                await conn.send(view[i : i + chunk])
+            await conn.send_eof()
+        return bytes(received)
+
+
+@pytest.fixture
+def caplog_info(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    caplog.set_level(logging.INFO, logger="atlax")
+    yield caplog
+
+
+def atlax_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
