@@ -23,7 +23,7 @@ from .config import (
     parse_service_mapping,
 )
 from .relay import PortConflictError, Relay
-from .tls import TLSConfigError
+from .tls import TLSConfigError, agent_context
 
 log = logging.getLogger("atlax")
 
@@ -91,6 +91,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         raise UsageError(
             "the agent exposes no service: give --service NAME=HOST:PORT or [services]"
         )
+    # Unusable files are a mistake to report now, not a network fault to retry forever.
+    agent_context(config.agent.ca, config.agent.cert, config.agent.key)
     agent = Agent(config.agent, config.services)
     for name, target in sorted(config.services.items()):
         log.info("exposing service %r -> %s", name, target)

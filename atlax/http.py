@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import anyio
@@ -133,7 +134,11 @@ async def _send(
     if close:
         headers.append(("connection", "close"))
     try:
-        data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
+        reason = HTTPStatus(response.status).phrase.encode()
+        data = (
+            conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
+            or b""
+        )
         data += conn.send(h11.Data(data=response.body)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
         await stream.send(data)

@@ -204,7 +204,7 @@ class Relay:
             state.spec = spec
             for port, binding in list(self._ports.items()):
                 if binding.agent == spec.name and port not in wanted:
-                    self._close_port(port)
+                    await self._close_port(port)
             for port, service in wanted.items():
                 if port in bound:
                     self._open_port(port, spec.name, service, bound[port])
@@ -220,7 +220,7 @@ class Relay:
                 return False
             for port, binding in list(self._ports.items()):
                 if binding.agent == name:
-                    self._close_port(port)
+                    await self._close_port(port)
             if state.session is not None:
                 state.session.close(ErrorCode.UNAUTHORIZED, f"agent {name!r} was removed")
             log.info("agent %r removed: ports closed, identity revoked", name)
@@ -242,9 +242,12 @@ class Relay:
         self._ports[port] = binding
         self._tg.start_soon(self._serve_port, binding)
 
-    def _close_port(self, port: int) -> None:
+    async def _close_port(self, port: int) -> None:
+        """Stop listening before returning, and drop the port's open connections."""
         binding = self._ports.pop(port)
         binding.scope.cancel()
+        for lst in binding.listeners:
+            await lst.aclose()
 
     async def _serve_port(self, binding: PortBinding) -> None:
         async def handle(client: anyio.abc.SocketStream) -> None:

@@ -82,11 +82,12 @@ def relay_settings(pki: Pki, **overrides: object) -> RelaySettings:
 
 
 def agent_settings(
-    pki: Pki, relay: RelaySettings, identity: str = "home-nas", **overrides: object
+    pki: Pki, relay: RelaySettings | int, identity: str = "home-nas", **overrides: object
 ) -> AgentSettings:
     cert, key = pki.agent(identity)
+    port = relay if isinstance(relay, int) else relay.listen.port
     values: dict[str, object] = {
-        "relay": HostPort("localhost", relay.listen.port),
+        "relay": HostPort("localhost", port),
         "ca": pki.ca,
         "cert": cert,
         "key": key,
