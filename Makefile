@@ -9,6 +9,7 @@ setup:
 
 tools:
 	@hack/tools >/dev/null
+	@hack/test-deps >/dev/null
 
 run: setup
 	$(VENV)/bin/atlax demo

@@ -7,24 +7,31 @@ connection attempt, and a change on disk makes the agent reconnect with the new 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
+import socket
 import ssl
 from collections.abc import Mapping
-from pathlib import Path
+from ipaddress import IPv4Address, IPv6Address
 
 import anyio
 import anyio.abc
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 from anyio.streams.tls import TLSAttribute
+from proxyprotocol.result import (
+    ProxyResult,
+    ProxyResultIPv4,
+    ProxyResultIPv6,
+    ProxyResultLocal,
+)
+from proxyprotocol.v2 import ProxyProtocolV2
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from .config import AgentSettings, HostPort
 from .mux import MuxSession, MuxStream
 from .pipe import pipe
-from .protocol import ALPN, ErrorCode, KeepaliveConfig, Role, Settings, error_name
-from .tls import TLSConfigError, agent_context
+from .protocol import ALPN, ErrorCode, KeepaliveConfig, Origin, Role, Settings, error_name
+from .tls import TLSConfigError, agent_context, file_fingerprint
 
 log = logging.getLogger("atlax.agent")
 
@@ -83,7 +90,7 @@ class Agent:
             context = agent_context(s.ca, s.cert, s.key)
         except TLSConfigError as exc:
             raise TunnelDownError(str(exc)) from None
-        fingerprint = _fingerprint(s.cert, s.key, s.ca)
+        fingerprint = file_fingerprint(s.cert, s.key, s.ca)
         server_name = s.server_name or s.relay.host
         try:
             with anyio.fail_after(s.connect_timeout):
@@ -127,7 +134,7 @@ class Agent:
             async def watch_certificates() -> None:
                 while True:
                     await anyio.sleep(self.cert_check_interval)
-                    if _fingerprint(s.cert, s.key, s.ca) != fingerprint:
+                    if file_fingerprint(s.cert, s.key, s.ca) != fingerprint:
                         log.info("certificate files changed on disk; reconnecting with them")
                         session.close(ErrorCode.NO_ERROR, "agent certificate renewed")
                         return
@@ -172,19 +179,31 @@ class Agent:
             stream.reset(ErrorCode.CONNECT_FAILED)
             return
         async with local:
+            if stream.proxy_protocol == 2:
+                await local.send(proxy_v2_header(stream.origin))
             ok = await pipe(stream, local)
             if not ok:
                 stream.reset(ErrorCode.CANCEL)
 
 
-def _fingerprint(*paths: Path) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        try:
-            digest.update(path.read_bytes())
-        except OSError:
-            digest.update(b"missing")
-    return digest.hexdigest()
+def proxy_v2_header(origin: Origin | None) -> bytes:
+    """The PROXY protocol v2 header naming the public client (LOCAL if the relay sent none)."""
+    result: ProxyResult
+    if origin is None:
+        result = ProxyResultLocal()
+    elif origin.source.version == 4:
+        result = ProxyResultIPv4(
+            (IPv4Address(int(origin.source)), origin.source_port),
+            (IPv4Address(int(origin.destination)), origin.destination_port),
+            protocol=socket.SOCK_STREAM,
+        )
+    else:
+        result = ProxyResultIPv6(
+            (IPv6Address(int(origin.source)), origin.source_port),
+            (IPv6Address(int(origin.destination)), origin.destination_port),
+            protocol=socket.SOCK_STREAM,
+        )
+    return ProxyProtocolV2().pack(result)
 
 
 def _describe(exc: BaseException) -> str:

@@ -64,17 +64,13 @@ def cmd_relay(args: argparse.Namespace) -> int:
             f"{args.config}: [[agents]] cannot be combined with control_socket; "
             "with a control socket, agents come from the control API only"
         )
-    relay = Relay(config.relay, config.agents)
+    relay = Relay(config.relay, config.agents, tls_wait=args.wait_for_tls)
     return _run(_serve_relay, relay)
 
 
 async def _serve_relay(relay: Relay) -> None:
-    from .control import ControlServer
-
     async with anyio.create_task_group() as tg:
         await tg.start(relay.serve)
-        if relay.settings.control_socket is not None:
-            await tg.start(ControlServer(relay, relay.settings.control_socket).serve)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("received %s", signal.Signals(signum).name)
@@ -240,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
         "each configured public port to its agent's service. SIGTERM drains open streams.",
     )
     relay.add_argument("--config", required=True, help="relay.toml (see README)")
+    relay.add_argument(
+        "--wait-for-tls",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for the CA/certificate/key files to appear (in a pod, the "
+        "operator writes them); default 0",
+    )
     relay.set_defaults(func=cmd_relay)
 
     agent = sub.add_parser(

@@ -67,11 +67,19 @@ class TunnelClosedError(BrokenResourceError):
 class MuxStream(anyio.abc.ByteStream):
     """One multiplexed TCP connection, usable wherever an anyio byte stream is."""
 
-    def __init__(self, session: MuxSession, stream_id: int, service: str, origin: Origin | None):
+    def __init__(
+        self,
+        session: MuxSession,
+        stream_id: int,
+        service: str,
+        origin: Origin | None,
+        proxy_protocol: int | None = None,
+    ):
         self._session = session
         self.stream_id = stream_id
         self.service = service
         self.origin = origin
+        self.proxy_protocol = proxy_protocol
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._remote_eof = False
@@ -212,7 +220,7 @@ class MuxSession:
         self.bytes_in = 0
         self.bytes_out = 0
         self.streams_total = 0
-        self.on_pong: Callable[[float], None] | None = None
+        self.on_pong: Callable[[float], None] | None = None  # tunnel RTT from keepalive PINGs
 
     # -- public API --------------------------------------------------------------------------
 
@@ -253,11 +261,13 @@ class MuxSession:
     async def wait_closed(self) -> None:
         await self._done.wait()
 
-    async def open_stream(self, service: str, origin: Origin | None = None) -> MuxStream:
+    async def open_stream(
+        self, service: str, origin: Origin | None = None, proxy_protocol: int | None = None
+    ) -> MuxStream:
         if not self.can_open_stream:
             raise TunnelClosedError(f"{self.name} cannot open streams now")
-        stream_id = self.conn.open_stream(service, origin)
-        stream = MuxStream(self, stream_id, service, origin)
+        stream_id = self.conn.open_stream(service, origin, proxy_protocol)
+        stream = MuxStream(self, stream_id, service, origin, proxy_protocol)
         self._streams[stream_id] = stream
         self.streams_total += 1
         self._write_needed.set()
@@ -397,7 +407,7 @@ class MuxSession:
         if self._handler is None or self._tg is None or self._closing:
             self.conn.reset_stream(event.stream_id, ErrorCode.REFUSED_STREAM)
             return
-        stream = MuxStream(self, event.stream_id, event.service, event.origin)
+        stream = MuxStream(self, event.stream_id, event.service, event.origin, event.proxy_protocol)
         self._streams[event.stream_id] = stream
         self.streams_total += 1
         self._tg.start_soon(self._run_handler, stream)

@@ -23,6 +23,7 @@ from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSAttribute, TLSStream
 
 from .config import AgentSpec, RelaySettings, ServiceSpec
+from .metrics import MetricsServer, RateLimitedLog, RelayMetrics
 from .mux import MuxSession, TunnelClosedError
 from .pipe import abort_socket, pipe
 from .protocol import (
@@ -34,10 +35,11 @@ from .protocol import (
     Role,
     Settings,
 )
-from .tls import peer_common_name, relay_context
+from .tls import TLSConfigError, file_fingerprint, peer_common_name, relay_context
 
 log = logging.getLogger("atlax.relay")
 
+TLS_CHECK_INTERVAL = 30.0
 TUNNEL_SETTINGS = Settings(initial_window=1 << 20, max_frame_size=256 * 1024, max_streams=16384)
 
 
@@ -105,9 +107,21 @@ def _iso(ts: float | None) -> str | None:
 
 
 class Relay:
-    def __init__(self, settings: RelaySettings, agents: Iterable[AgentSpec] = ()) -> None:
+    def __init__(
+        self,
+        settings: RelaySettings,
+        agents: Iterable[AgentSpec] = (),
+        *,
+        tls_wait: float = 0.0,
+        tls_check_interval: float = TLS_CHECK_INTERVAL,
+    ) -> None:
         self.settings = settings
         self._initial = tuple(agents)
+        self.tls_wait = tls_wait
+        self.tls_check_interval = tls_check_interval
+        self.metrics = RelayMetrics()
+        self.control: Any = None  # the ControlServer, when settings.control_socket is set
+        self._refusals = RateLimitedLog(log)
         self._agents: dict[str, AgentState] = {}
         self._ports: dict[int, PortBinding] = {}
         self._apply_lock = anyio.Lock()
@@ -124,6 +138,7 @@ class Relay:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         s = self.settings
+        await self._wait_for_tls_files()
         self._ssl = relay_context(s.ca, s.cert, s.key)
         self._listeners = await _listen(s.listen.host, s.listen.port)
         self.listen_addresses = [_address(lst) for lst in self._listeners]
@@ -132,16 +147,64 @@ class Relay:
                 self._tg = tg
                 for spec in self._initial:
                     await self.apply_agent(spec)
+                if s.metrics is not None:
+                    metrics_listeners = await _listen(s.metrics.host, s.metrics.port)
+                    server = MetricsServer(self.metrics, self.readiness)
+                    await tg.start(server.serve, metrics_listeners)
+                    log.info("metrics and health on %s", _fmt(_address(metrics_listeners[0])))
+                if s.control_socket is not None:
+                    from .control import ControlServer
+
+                    self.control = ControlServer(self, s.control_socket)
+                    await tg.start(self.control.serve)
                 addresses = ", ".join(_fmt(a) for a in self.listen_addresses)
                 log.info("relay listening for agents on %s", addresses)
                 for lst in self._listeners:
                     tg.start_soon(accept_loop, lst, self._handle_agent)
+                tg.start_soon(self._watch_tls_files)
                 self.ready.set()
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
                 for lst in self._listeners:
                     await lst.aclose()
+
+    def readiness(self) -> tuple[bool, str]:
+        if self._shutting_down:
+            return False, "shutting down"
+        if not self.ready.is_set():
+            return False, "starting"
+        if self.settings.control_socket is not None and self.control is None:
+            return False, "control socket not up"
+        return True, "listening"
+
+    async def _wait_for_tls_files(self) -> None:
+        """In a pod, the operator writes the relay's certificate shortly after start: wait."""
+        s = self.settings
+        deadline = anyio.current_time() + self.tls_wait
+        missing = [p for p in (s.ca, s.cert, s.key) if not p.exists()]
+        if missing and self.tls_wait > 0:
+            log.info("waiting up to %gs for %s", self.tls_wait, ", ".join(map(str, missing)))
+        while missing and anyio.current_time() < deadline:
+            await anyio.sleep(0.5)
+            missing = [p for p in (s.ca, s.cert, s.key) if not p.exists()]
+
+    async def _watch_tls_files(self) -> None:
+        """Reload the certificate and CA when they change on disk (renewal, cert-manager)."""
+        s = self.settings
+        seen = file_fingerprint(s.ca, s.cert, s.key)
+        while True:
+            await anyio.sleep(self.tls_check_interval)
+            current = file_fingerprint(s.ca, s.cert, s.key)
+            if current == seen:
+                continue
+            try:
+                self._ssl = relay_context(s.ca, s.cert, s.key)
+            except TLSConfigError as exc:
+                log.warning("certificate files changed but cannot be used yet: %s", exc)
+                continue
+            seen = current
+            log.info("reloaded the relay certificate and CA from disk")
 
     async def shutdown(self, grace: float | None = None) -> None:
         """GOAWAY to every agent, stop accepting, let open streams finish within `grace`."""
@@ -267,36 +330,73 @@ class Relay:
 
     async def _handle_client(self, binding: PortBinding, client: anyio.abc.SocketStream) -> None:
         async with client:
-            state = self._agents.get(binding.agent)
-            session = state.session if state is not None else None
-            if state is None or session is None or not session.can_open_stream:
-                log.debug(
-                    "port %d: agent %r is offline, closing client",
-                    binding.service.port,
-                    binding.agent,
+            service = binding.service
+            origin = _origin(client)
+            reason = self._refusal(binding, origin)
+            if reason is not None:
+                self.metrics.refused.labels(str(service.port), reason).inc()
+                where = f"{origin.source}:{origin.source_port}" if origin else "unknown peer"
+                self._refusals.warning(
+                    f"{service.port}/{reason}",
+                    "port %d: closed connection from %s: %s",
+                    service.port,
+                    where,
+                    _REFUSALS[reason],
                 )
+                abort_socket(client)
                 return
+            state = self._agents[binding.agent]
+            session = state.session
+            assert session is not None
             try:
-                stream = await session.open_stream(binding.service.name, _origin(client))
+                proxy = 2 if service.proxy_protocol == "v2" else None
+                stream = await session.open_stream(service.name, origin, proxy)
             except TunnelClosedError:
                 return
             state.streams_total += 1
             binding.connections += 1
+            m = self.metrics
+            m.streams_total.labels(state.name, service.name).inc()
+            m.streams_open.labels(state.name).inc()
+            to_agent = m.bytes_total.labels(state.name, service.name, "to_agent")
+            from_agent = m.bytes_total.labels(state.name, service.name, "from_agent")
             ok = False
             try:
 
-                def to_agent(n: int) -> None:
+                def count_to_agent(n: int) -> None:
                     state.bytes_to_agent += n
+                    to_agent.inc(n)
 
-                def from_agent(n: int) -> None:
+                def count_from_agent(n: int) -> None:
                     state.bytes_from_agent += n
+                    from_agent.inc(n)
 
-                ok = await pipe(client, stream, a_to_b=to_agent, b_to_a=from_agent)
+                ok = await pipe(client, stream, a_to_b=count_to_agent, b_to_a=count_from_agent)
             finally:
                 binding.connections -= 1
+                m.streams_open.labels(state.name).dec()
                 if not ok:
                     abort_socket(client)
                 await stream.aclose()
+
+    def _refusal(self, binding: PortBinding, origin: Origin | None) -> str | None:
+        """Why a new public connection must be closed at once, or None to serve it."""
+        service = binding.service
+        if service.allow and (
+            origin is None or not any(_contains(net, origin.source) for net in service.allow)
+        ):
+            return "source_denied"
+        state = self._agents.get(binding.agent)
+        session = state.session if state is not None else None
+        if state is None or session is None or not session.can_open_stream:
+            return "agent_offline"
+        port_limit = service.max_connections or self.settings.max_connections_per_port
+        if binding.connections >= port_limit:
+            return "port_limit"
+        agent_limit = state.spec.max_streams or self.settings.max_streams_per_agent
+        if session.active_streams >= agent_limit:
+            return "agent_limit"
+        return None
 
     # -- agents ------------------------------------------------------------------------------
 
@@ -309,6 +409,7 @@ class Relay:
                     tcp, server_side=True, ssl_context=self._ssl, standard_compatible=False
                 )
         except TimeoutError:
+            self.metrics.handshake_failures.labels("timeout").inc()
             log.warning("agent port: TLS handshake from %s timed out", peer)
             await tcp.aclose()
             return
@@ -319,23 +420,30 @@ class Relay:
             ClosedResourceError,
             OSError,
         ) as exc:
+            self.metrics.handshake_failures.labels(_tls_failure_kind(exc)).inc()
             log.warning("agent port: TLS handshake from %s failed: %s", peer, _tls_reason(exc))
             await tcp.aclose()
             return
         name = peer_common_name(tls.extra(TLSAttribute.peer_certificate))
         if tls.extra(TLSAttribute.alpn_protocol) != ALPN:
+            self.metrics.handshake_failures.labels("alpn").inc()
             log.warning("agent port: %s (%s) did not negotiate ALPN %s; closing", peer, name, ALPN)
             await tls.aclose()
             return
         state = self._agents.get(name) if name else None
-        if state is None or self._shutting_down:
-            reason = (
-                "relay shutting down"
-                if self._shutting_down
-                else f"identity {name!r} is not configured"
-            )
+        connected = sum(1 for a in self._agents.values() if a.session is not None)
+        code, kind, reason = ErrorCode.UNAUTHORIZED, "", ""
+        if self._shutting_down:
+            kind, reason = "shutting_down", "relay shutting down"
+        elif state is None:
+            kind, reason = "unknown_identity", f"identity {name!r} is not configured"
+        elif state.session is None and connected >= self.settings.max_agents:
+            code, kind = ErrorCode.ENHANCE_YOUR_CALM, "agent_limit"
+            reason = f"relay already serves its limit of {self.settings.max_agents} agents"
+        if state is None or kind:
+            self.metrics.handshake_failures.labels(kind).inc()
             log.warning("agent port: refused %r from %s: %s", name, peer, reason)
-            await _refuse(tls, ErrorCode.UNAUTHORIZED, reason)
+            await _refuse(tls, code, reason)
             return
         await self._run_agent(state, tls, peer)
 
@@ -348,7 +456,15 @@ class Relay:
             keepalive=KeepaliveConfig(s.keepalive_interval, s.keepalive_timeout),
             name=f"agent {state.name!r}",
         )
+        agent_label = state.name
+
+        def record_rtt(rtt: float) -> None:
+            self.metrics.tunnel_rtt.labels(agent_label).observe(rtt)
+
+        session.on_pong = record_rtt
         old = state.session
+        if old is None:
+            self.metrics.agents_connected.inc()
         state.session = session
         state.peer = peer
         state.connected_since = time.time()
@@ -364,6 +480,7 @@ class Relay:
         finally:
             if state.session is session:
                 state.session = None
+                self.metrics.agents_connected.dec()
                 log.info("agent %r disconnected: %s", state.name, session.error or "closed")
 
     @staticmethod
@@ -425,6 +542,31 @@ def _origin(client: anyio.abc.SocketStream) -> Origin | None:
         return Origin(src_ip, int(src[1]), dst_ip, int(dst[1]))
     except (ValueError, TypeError, IndexError, anyio.TypedAttributeLookupError):
         return None
+
+
+_REFUSALS = {
+    "source_denied": "source address not in the port's allow list",
+    "agent_offline": "its agent is offline",
+    "port_limit": "the port is at its max_connections limit",
+    "agent_limit": "the agent is at its max_streams limit",
+}
+
+
+def _contains(network: ipaddress.IPv4Network | ipaddress.IPv6Network, address: Any) -> bool:
+    if network.version != address.version:
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:a.b.c.d from a dual-stack socket
+        return mapped is not None and mapped in network
+    return bool(address in network)
+
+
+def _tls_failure_kind(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "certificate_rejected"
+    if isinstance(exc, ssl.SSLError) and "CERTIFICATE" in (exc.reason or "").upper():
+        return "no_certificate"
+    if isinstance(exc, ssl.SSLError):
+        return "tls_error"
+    return "connection_lost"
 
 
 def _fmt(address: Any) -> str:

@@ -7,6 +7,7 @@ call, so a renewed certificate is picked up on the next connection.
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from pathlib import Path
 
@@ -73,3 +74,14 @@ def peer_common_name(peercert: object) -> str | None:
             if key == "commonName":
                 return str(value)
     return None
+
+
+def file_fingerprint(*paths: Path) -> str:
+    """A digest of the files' contents, to notice renewed certificates on disk."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            digest.update(path.read_bytes())
+        except OSError:
+            digest.update(b"missing")
+    return digest.hexdigest()

@@ -36,7 +36,7 @@ async def control_relay(pki: Pki, tmp_path: Path) -> AsyncIterator[tuple[Relay, 
     relay = Relay(relay_settings(pki, control_socket=path))
     async with anyio.create_task_group() as tg:
         await tg.start(relay.serve)
-        await tg.start(ControlServer(relay, path).serve)
+        assert isinstance(relay.control, ControlServer)
         try:
             yield relay, ControlClient(path)
         finally:

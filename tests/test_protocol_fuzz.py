@@ -84,4 +84,5 @@ def test_open_round_trips(
     dport: int,
 ) -> None:
     origin = Origin(src, sport, dst, dport)
-    assert decode_open_payload(encode_open_payload(name, origin)) == (name, origin)
+    decoded = decode_open_payload(encode_open_payload(name, origin, 2))
+    assert (decoded.service, decoded.origin, decoded.proxy_protocol) == (name, origin, 2)

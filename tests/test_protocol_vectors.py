@@ -42,6 +42,7 @@ EXPECTED = {
     "pong": encode_frame(FrameType.PING, 2, 0, bytes(range(1, 9))),
     "open-web": encode_frame(FrameType.OPEN, 0, 2, encode_open_payload("web")),
     "open-web-origin": encode_frame(FrameType.OPEN, 0, 2, encode_open_payload("web", ORIGIN)),
+    "open-web-proxy-v2": encode_frame(FrameType.OPEN, 0, 2, encode_open_payload("web", ORIGIN, 2)),
     "data-hello": encode_frame(FrameType.DATA, 0, 2, b"hello"),
     "data-fin-empty": encode_frame(FrameType.DATA, 1, 2, b""),
     "window-update-65536": encode_frame(FrameType.WINDOW_UPDATE, 0, 2, encode_u32(65536)),

@@ -170,12 +170,14 @@ class Connection:
 
     # -- local actions -----------------------------------------------------------------------
 
-    def open_stream(self, service: str, origin: Origin | None = None) -> int:
+    def open_stream(
+        self, service: str, origin: Origin | None = None, proxy_protocol: int | None = None
+    ) -> int:
         self._require_open()
         if not self.can_open_stream:
             raise LocalProtocolError("cannot open a stream now", ErrorCode.REFUSED_STREAM)
         assert self.peer_settings is not None
-        payload = encode_open_payload(service, origin)
+        payload = encode_open_payload(service, origin, proxy_protocol)
         stream_id = self._next_local_id
         self._next_local_id += 2
         self._streams[stream_id] = _Stream(
@@ -339,7 +341,7 @@ class Connection:
             raise RemoteProtocolError(
                 f"OPEN for stream {stream_id}, not above {self._last_peer_id}"
             )
-        service, origin = decode_open_payload(frame.payload)
+        request = decode_open_payload(frame.payload)
         self._last_peer_id = stream_id
         if self._goaway_sent is not None:
             self._remember_reset(stream_id)  # after our GOAWAY: ignored, the peer retries elsewhere
@@ -357,7 +359,9 @@ class Connection:
         )
         self._streams[stream_id] = stream
         self._peer_open += 1
-        events.append(ev.StreamOpened(stream_id, service, origin))
+        events.append(
+            ev.StreamOpened(stream_id, request.service, request.origin, request.proxy_protocol)
+        )
         if frame.flags & Flag.FIN:
             stream.remote_closed = True
             events.append(ev.StreamEnded(stream_id))

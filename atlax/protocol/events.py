@@ -22,6 +22,7 @@ class StreamOpened(Event):
     stream_id: int
     service: str
     origin: Origin | None
+    proxy_protocol: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

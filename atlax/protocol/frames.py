@@ -52,6 +52,7 @@ class SettingId(enum.IntEnum):
 
 class OptionType(enum.IntEnum):
     ORIGIN = 0x01
+    PROXY_PROTOCOL = 0x02
 
 
 _CONNECTION_FRAMES = frozenset({FrameType.PING, FrameType.GOAWAY, FrameType.SETTINGS})
@@ -123,7 +124,9 @@ def encode_settings(settings: Settings) -> bytes:
     return encode_frame(FrameType.SETTINGS, 0, 0, payload)
 
 
-def encode_open_payload(service: str, origin: Origin | None = None) -> bytes:
+def encode_open_payload(
+    service: str, origin: Origin | None = None, proxy_protocol: int | None = None
+) -> bytes:
     if not SERVICE_NAME.fullmatch(service):
         raise ValueError(f"service name {service!r} must be 1-63 characters of [a-z0-9_-]")
     name = service.encode("ascii")
@@ -137,6 +140,8 @@ def encode_open_payload(service: str, origin: Origin | None = None) -> bytes:
             + origin.destination_port.to_bytes(2, "big")
         )
         parts += [bytes([OptionType.ORIGIN]), len(value).to_bytes(2, "big"), value]
+    if proxy_protocol is not None:
+        parts += [bytes([OptionType.PROXY_PROTOCOL]), b"\x00\x01", bytes([proxy_protocol])]
     return b"".join(parts)
 
 
@@ -175,7 +180,14 @@ def decode_settings(payload: bytes) -> Settings:
     return settings
 
 
-def decode_open_payload(payload: bytes) -> tuple[str, Origin | None]:
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    service: str
+    origin: Origin | None = None
+    proxy_protocol: int | None = None
+
+
+def decode_open_payload(payload: bytes) -> OpenRequest:
     if not payload:
         raise RemoteProtocolError("OPEN without a service name")
     end = 1 + payload[0]
@@ -186,6 +198,7 @@ def decode_open_payload(payload: bytes) -> tuple[str, Origin | None]:
     if not SERVICE_NAME.fullmatch(service):
         raise RemoteProtocolError(f"OPEN service name {service!r} is not [a-z0-9_-]{{1,63}}")
     origin: Origin | None = None
+    proxy_protocol: int | None = None
     pos = end
     while pos < len(payload):
         if pos + 3 > len(payload):
@@ -198,7 +211,11 @@ def decode_open_payload(payload: bytes) -> tuple[str, Origin | None]:
         pos += 3 + length
         if kind == OptionType.ORIGIN:
             origin = _decode_origin(value)
-    return service, origin
+        elif kind == OptionType.PROXY_PROTOCOL:
+            if len(value) != 1 or value[0] != 2:
+                raise RemoteProtocolError("OPEN PROXY_PROTOCOL option must name version 2")
+            proxy_protocol = 2
+    return OpenRequest(service, origin, proxy_protocol)
 
 
 def _decode_origin(value: bytes) -> Origin:
