@@ -222,10 +222,11 @@ async def test_metrics_endpoint_parses_and_counters_move_exactly(pki: Pki) -> No
             for s in f.samples
         }
         total = sum(len(p) for p in payloads)
-        key = lambda d: (
-            "atlax_bytes_total",
-            (("agent", "home-nas"), ("direction", d), ("service", "web")),
-        )
+
+        def key(direction: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+            labels = (("agent", "home-nas"), ("direction", direction), ("service", "web"))
+            return "atlax_bytes_total", labels
+
         assert after[key("to_agent")] == total
         assert after[key("from_agent")] == total
         assert after[("atlax_streams_total", (("agent", "home-nas"), ("service", "web")))] == 3
