@@ -208,3 +208,16 @@ def atlax_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real etcd + kube-apiserver for the whole session (see tests/controlplane.py)."""
+    from controlplane import ControlPlane
+
+    plane = ControlPlane(tmp_path_factory.mktemp("k8s"))
+    plane.start()
+    try:
+        yield plane
+    finally:
+        plane.stop()
