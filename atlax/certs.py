@@ -97,7 +97,12 @@ def _new_cert(
     if lifetime <= timedelta(0):
         raise CertificateError("certificate lifetime must be positive")
     key = ec.generate_private_key(ec.SECP256R1())
-    start = not_before or (datetime.now(UTC) - _BACKDATE)
+    now = datetime.now(UTC)
+    # Valid a little in the past for skewed clocks, but never so much that a short lifetime
+    # would be mostly spent already: the lifetime counts from now.
+    backdate = min(_BACKDATE, lifetime / 10)
+    start = not_before or (now - backdate)
+    end = (not_before + lifetime) if not_before else (now + lifetime)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     signer_key = ca.key if ca else key
     issuer = ca.cert.subject if ca else name
@@ -108,7 +113,7 @@ def _new_cert(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
-        .not_valid_after(start + lifetime)
+        .not_valid_after(end)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     if ca is not None:

@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extend(sub: Any) -> None:
     """Commands that live in their own modules (control API client, operator)."""
-    for module in ("atlax.relayctl", "atlax.k8s.cli"):
+    for module in ("atlax.relayctl", "atlax_operator.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError:
@@ -315,7 +315,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def _control_errors() -> tuple[type[BaseException], ...]:
     from .control import ControlSocketError
 
-    return (ControlSocketError,)
+    errors: list[type[BaseException]] = [ControlSocketError]
+    try:
+        from atlax_operator.cli import OperatorError
+
+        errors.append(OperatorError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (

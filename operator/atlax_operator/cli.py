@@ -1,0 +1,104 @@
+"""`atlax operator`: the kopf operator (outside a cluster with KUBECONFIG, in a pod in-cluster)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("atlax.operator")
+
+
+class OperatorError(Exception):
+    """A start-up problem, as one line for the user."""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "operator",
+        help="run the Kubernetes operator for TunnelAgent resources",
+        description="Watch TunnelAgents in --namespace: mint each agent's certificate into "
+        "Secret atlax-agent-NAME, open its ports on the relay through the control socket and on "
+        "the relay's Service, and report live state in status. Uses $KUBECONFIG outside a cluster.",
+    )
+    p.add_argument(
+        "--namespace", required=True, help="namespace of the TunnelAgents, Secrets and Service"
+    )
+    p.add_argument("--control-socket", required=True, type=Path, help="the relay's control socket")
+    p.add_argument(
+        "--service-name",
+        default="atlax-relay",
+        help="the relay's LoadBalancer Service (default atlax-relay)",
+    )
+    p.add_argument(
+        "--relay-address",
+        default="atlax-relay:7443",
+        metavar="HOST:PORT",
+        help="address agents dial, written into their Secrets",
+    )
+    p.add_argument(
+        "--relay-san",
+        action="append",
+        default=[],
+        metavar="NAME_OR_IP",
+        help="subject alternative names of the relay certificate (repeatable; "
+        "default: the host of --relay-address)",
+    )
+    p.add_argument(
+        "--relay-tls-dir",
+        type=Path,
+        help="write ca.crt, relay.crt, relay.key here for the relay container",
+    )
+    p.add_argument(
+        "--status-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how often live state is copied into status (default 10)",
+    )
+    p.add_argument(
+        "--public-address",
+        help="address shown in status when the Service has no load-balancer address",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import kopf
+
+        from . import kube
+        from .handlers import OperatorConfig, build_registry
+    except ImportError as exc:
+        raise OperatorError(
+            f"the operator needs the 'operator' extra (pip install 'atlax[operator]'): {exc}"
+        ) from None
+    from kubernetes.config import ConfigException
+
+    try:
+        kube.load_config()
+    except ConfigException as exc:
+        raise OperatorError(
+            f"no Kubernetes configuration: set KUBECONFIG or run in a pod ({exc})"
+        ) from None
+    host = args.relay_address.rsplit(":", 1)[0]
+    config = OperatorConfig(
+        namespace=args.namespace,
+        control_socket=args.control_socket,
+        service_name=args.service_name,
+        relay_address=args.relay_address,
+        relay_sans=tuple(args.relay_san or [host]),
+        relay_tls_dir=args.relay_tls_dir,
+        status_interval=args.status_interval,
+        public_address=args.public_address,
+    )
+    registry, _ = build_registry(config)
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    asyncio.run(
+        kopf.operator(
+            registry=registry, standalone=True, namespaces=[args.namespace], clusterwide=False
+        )
+    )
+    return 0

@@ -1,0 +1,378 @@
+"""The operator on a real kube-apiserver + etcd, with a real relay, agent and service.
+
+Relay and operator run as processes (`atlax relay`, `atlax operator`), the agent from the files of
+the Secret the operator minted. No mocked Kubernetes API.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from conftest import ROOT, echo_handler, exchange, free_port, running_agent, tcp_service, wait_until
+from controlplane import ControlPlane
+
+from atlax import certs
+from atlax.agent import Agent
+from atlax.config import AgentSettings, HostPort
+
+pytestmark = [pytest.mark.k8s]
+NS = "default"
+
+
+def kubectl_json(cp: ControlPlane, *args: str) -> Any:
+    return json.loads(cp.kubectl(*args, "-o", "json").stdout)
+
+
+def apply(cp: ControlPlane, obj: dict[str, Any]) -> None:
+    cp.kubectl("apply", "-f", "-", input=json.dumps(obj))
+
+
+def tunnel_agent(name: str, **ports: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "atlax.dev/v1alpha1",
+        "kind": "TunnelAgent",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"services": [{"name": s, "port": p} for s, p in ports.items()]},
+    }
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class Stack:
+    cp: ControlPlane
+    dir: Path
+    relay_port: int
+    socket: Path
+    relay: subprocess.Popen[str]
+    operator: subprocess.Popen[str]
+
+    def start_relay(self) -> None:
+        self.relay = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "atlax.cli",
+                "relay",
+                "--config",
+                str(self.dir / "relay.toml"),
+                "--wait-for-tls",
+                "60",
+            ],
+            stdout=(self.dir / "relay.log").open("a"),
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def status(self, name: str) -> dict[str, Any]:
+        result = self.cp.kubectl("get", "tunnelagent", name, "-n", NS, "-o", "json", check=False)
+        return json.loads(result.stdout).get("status", {}) if result.returncode == 0 else {}
+
+    def condition(self, name: str, type_: str) -> dict[str, Any]:
+        return next((c for c in self.status(name).get("conditions", []) if c["type"] == type_), {})
+
+    def agent_files(self, name: str) -> tuple[AgentSettings, dict[str, bytes]]:
+        secret = kubectl_json(self.cp, "get", "secret", f"atlax-agent-{name}", "-n", NS)
+        data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+        d = self.dir / f"agent-{name}"
+        d.mkdir(exist_ok=True)
+        for key in ("tls.crt", "tls.key", "ca.crt"):
+            (d / key).write_bytes(data[key])
+        (d / "tls.key").chmod(0o600)
+        host, port = data["relay"].decode().rsplit(":", 1)
+        settings = AgentSettings(
+            relay=HostPort(host, int(port)),
+            ca=d / "ca.crt",
+            cert=d / "tls.crt",
+            key=d / "tls.key",
+            server_name="localhost",
+            backoff_initial=0.1,
+            backoff_cap=1.0,
+            keepalive_interval=1.0,
+            keepalive_timeout=3.0,
+        )
+        return settings, data
+
+
+@pytest.fixture
+def stack(control_plane: ControlPlane, tmp_path: Path) -> Iterator[Stack]:
+    cp = control_plane
+    cp.kubectl("apply", "-f", str(ROOT / "manifests" / "crd.yaml"))
+    _wait(
+        lambda: cp.kubectl("get", "tunnelagents", check=False).returncode == 0,
+        30,
+        "the CRD to be served",
+    )
+    cp.kubectl("delete", "service", "atlax-relay", "-n", NS, "--ignore-not-found")
+    cp.kubectl("create", "service", "loadbalancer", "atlax-relay", "--tcp=7443:7443", "-n", NS)
+    relay_port = free_port()
+    sock = tmp_path / "run" / "control.sock"
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "relay.toml").write_text(
+        f'[relay]\nlisten = "127.0.0.1:{relay_port}"\nca = "tls/ca.crt"\ncert = "tls/relay.crt"\n'
+        f'key = "tls/relay.key"\npublic_host = "127.0.0.1"\ncontrol_socket = "{sock}"\n'
+        "keepalive_interval = 1.0\nkeepalive_timeout = 3.0\n"
+    )
+    env_kc = {"KUBECONFIG": str(cp.kubeconfig), "PATH": "/usr/bin:/bin"}
+    operator = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "atlax.cli",
+            "operator",
+            "--namespace",
+            NS,
+            "--control-socket",
+            str(sock),
+            "--service-name",
+            "atlax-relay",
+            "--relay-address",
+            f"127.0.0.1:{relay_port}",
+            "--relay-san",
+            "localhost",
+            "--relay-san",
+            "127.0.0.1",
+            "--relay-tls-dir",
+            str(tmp_path / "tls"),
+            "--status-interval",
+            "1",
+        ],
+        stdout=(tmp_path / "operator.log").open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env_kc,
+    )
+    s = Stack(cp, tmp_path, relay_port, sock, None, operator)  # type: ignore[arg-type]
+    s.start_relay()
+    try:
+        yield s
+    finally:
+        for name in ("home-nas", "first", "second"):
+            cp.kubectl(
+                "delete", "tunnelagent", name, "-n", NS, "--ignore-not-found", "--wait=false"
+            )
+        _wait(
+            lambda: not kubectl_json(cp, "get", "tunnelagents", "-n", NS)["items"],
+            30,
+            "TunnelAgents to be gone",
+        )
+        for proc in (s.operator, s.relay):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (s.operator, s.relay):
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        print((tmp_path / "operator.log").read_text()[-3000:])
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_tunnel_agent_end_to_end(stack: Stack) -> None:
+    cp = stack.cp
+    web = free_port()
+    example = (ROOT / "manifests" / "examples" / "home-nas.yaml").read_text()
+    smb = free_port()
+    cp.kubectl(
+        "apply",
+        "-n",
+        NS,
+        "-f",
+        "-",
+        input=example.replace("port: 445", f"port: {smb}").replace("port: 8080", f"port: {web}"),
+    )
+    _wait(lambda: stack.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen")
+    settings, data = stack.agent_files("home-nas")
+    # The Secret: CN = the TunnelAgent's name, issued by the CA in Secret atlax-ca.
+    cert = certs.load_certificates(settings.cert)[0]
+    assert certs.common_name(cert) == "home-nas"
+    ca = kubectl_json(cp, "get", "secret", "atlax-ca", "-n", NS)
+    certs.verify_issued_by(cert, certs.load_certificates(settings.ca)[0])
+    assert base64.b64decode(ca["data"]["tls.crt"]) == data["ca.crt"]
+    secret = kubectl_json(cp, "get", "secret", "atlax-agent-home-nas", "-n", NS)
+    assert secret["type"] == "kubernetes.io/tls"
+    assert secret["metadata"]["ownerReferences"][0]["kind"] == "TunnelAgent"
+    assert _port_open(web) and _port_open(smb)
+    ports = {
+        p["port"]
+        for p in kubectl_json(cp, "get", "service", "atlax-relay", "-n", NS)["spec"]["ports"]
+    }
+    assert ports == {7443, web, smb}
+
+    async def run() -> None:
+        async with tcp_service(echo_handler) as echo:
+            agent = Agent(settings, {"web": echo, "smb": echo})
+            async with running_agent(agent):
+                assert await exchange(web, b"GET / through the relay") == b"GET / through the relay"
+                await anyio.to_thread.run_sync(
+                    lambda: _wait(
+                        lambda: stack.condition("home-nas", "Ready").get("status") == "True",
+                        30,
+                        "Ready",
+                    )
+                )
+                status = stack.status("home-nas")
+                assert status["connected"] is True
+                assert status["bytesIn"] >= 23 and status["bytesOut"] >= 23
+                table = cp.kubectl("get", "tunnelagents", "-n", NS).stdout
+                assert table.splitlines()[0].split() == [
+                    "NAME",
+                    "READY",
+                    "CONNECTED",
+                    "PORTS",
+                    "AGE",
+                ]
+                assert table.splitlines()[1].split()[:3] == ["home-nas", "True", "true"]
+                await anyio.to_thread.run_sync(
+                    lambda: cp.kubectl(
+                        "delete", "tunnelagent", "home-nas", "-n", NS, "--timeout=30s"
+                    )
+                )
+                assert not _port_open(web)
+                await wait_until(lambda: agent.session is None, 10)
+                await wait_until(lambda: "not configured" in (agent.last_error or ""), 15)
+
+    anyio.run(run)
+    assert (
+        cp.kubectl("get", "secret", "atlax-agent-home-nas", "-n", NS, check=False).returncode != 0
+    )
+    ports = {
+        p["port"]
+        for p in kubectl_json(cp, "get", "service", "atlax-relay", "-n", NS)["spec"]["ports"]
+    }
+    assert ports == {7443}
+
+
+def test_port_conflict_between_two_tunnel_agents(stack: Stack) -> None:
+    cp = stack.cp
+    port = free_port()
+    apply(cp, tunnel_agent("first", web=port))
+    _wait(
+        lambda: stack.condition("first", "PortsOpen").get("status") == "True", 60, "first PortsOpen"
+    )
+    apply(cp, tunnel_agent("second", files=port))
+    cond = _wait(
+        lambda: (c := stack.condition("second", "PortsOpen")).get("status") == "False" and c,
+        60,
+        "second's conflict",
+    )
+    assert cond["reason"] == "PortConflict"
+    assert f"port {port} is already used by agent 'first'" in cond["message"]
+    events = cp.kubectl(
+        "get", "events", "-n", NS, "--field-selector", "involvedObject.name=second"
+    ).stdout
+    assert "PortConflict" in events
+    cp.kubectl("delete", "tunnelagent", "first", "-n", NS, "--timeout=30s")
+    _wait(
+        lambda: stack.condition("second", "PortsOpen").get("status") == "True",
+        60,
+        "second takes the port",
+    )
+    assert _port_open(port)
+
+
+def test_relay_restart_is_repaired(stack: Stack) -> None:
+    cp = stack.cp
+    port = free_port()
+    apply(cp, tunnel_agent("home-nas", web=port))
+    _wait(lambda: stack.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen")
+    settings, _ = stack.agent_files("home-nas")
+
+    async def run() -> None:
+        async with tcp_service(echo_handler) as echo:
+            agent = Agent(settings, {"web": echo})
+            async with running_agent(agent):
+                assert await exchange(port, b"before") == b"before"
+                stack.relay.kill()  # kill -9: the relay comes back with no agents at all
+                stack.relay.wait(5)
+                await wait_until(lambda: agent.session is None, 10)
+                stack.start_relay()
+                await wait_until(lambda: agent.session is not None, 30)  # re-pushed, agent back
+                assert await exchange(port, b"after") == b"after"
+
+    anyio.run(run)
+
+
+@pytest.mark.parametrize(
+    ("services", "message"),
+    [
+        ([{"name": "web", "port": 0}], "should be greater than or equal to 1"),
+        ([{"name": "web", "port": 70000}], "should be less than or equal to 65535"),
+        ([{"name": "web", "port": 1}, {"name": "web", "port": 2}], "Duplicate value"),
+        ([{"name": "a", "port": 1}, {"name": "b", "port": 1}], "service ports must be unique"),
+        ([{"name": "a", "port": 1, "allowedSourceRanges": ["nope"]}], "must be a CIDR"),
+        ([], "should have at least 1 items"),
+    ],
+)
+def test_invalid_specs_are_rejected_by_the_api_server(
+    control_plane: ControlPlane, services: list[dict[str, Any]], message: str
+) -> None:
+    control_plane.kubectl("apply", "-f", str(ROOT / "manifests" / "crd.yaml"))
+    _wait(
+        lambda: control_plane.kubectl("get", "tunnelagents", check=False).returncode == 0,
+        30,
+        "the CRD",
+    )
+    obj = {
+        "apiVersion": "atlax.dev/v1alpha1",
+        "kind": "TunnelAgent",
+        "metadata": {"name": "bad"},
+        "spec": {"services": services},
+    }
+    result = control_plane.kubectl("apply", "-f", "-", input=json.dumps(obj), check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_certificate_renewal_reaches_the_agent_without_a_restart(stack: Stack) -> None:
+    """A 30 s certificate is re-issued after two thirds of it; the agent reconnects with it."""
+    cp = stack.cp
+    port = free_port()
+    obj = tunnel_agent("home-nas", web=port)
+    obj["spec"]["certificateLifetime"] = "30s"
+    apply(cp, obj)
+    _wait(lambda: stack.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen")
+    settings, first = stack.agent_files("home-nas")
+
+    async def run() -> None:
+        async with tcp_service(echo_handler) as echo:
+            agent = Agent(settings, {"web": echo}, cert_check_interval=0.5)
+            async with running_agent(agent):
+                assert await exchange(port, b"old cert") == b"old cert"
+
+                def renewed() -> bool:
+                    secret = kubectl_json(cp, "get", "secret", "atlax-agent-home-nas", "-n", NS)
+                    return base64.b64decode(secret["data"]["tls.crt"]) != first["tls.crt"]
+
+                await anyio.to_thread.run_sync(
+                    lambda: _wait(renewed, 40, "the certificate to be renewed")
+                )
+                stack.agent_files("home-nas")  # what kubelet does for a mounted Secret
+                await wait_until(lambda: agent.connects >= 2, 10)
+                assert await exchange(port, b"new cert") == b"new cert"
+
+    anyio.run(run)
