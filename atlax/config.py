@@ -132,6 +132,7 @@ class RelaySettings(_Model):
     max_agents: int = Field(default=1000, ge=1)
     max_streams_per_agent: int = Field(default=4096, ge=1)
     max_connections_per_port: int = Field(default=1024, ge=1)
+    max_connections_per_source: int = Field(default=256, ge=1)
     drain_timeout: float = Field(default=30.0, ge=0)
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -40,7 +41,8 @@ from .tls import TLSConfigError, file_fingerprint, peer_common_name, relay_conte
 log = logging.getLogger("atlax.relay")
 
 TLS_CHECK_INTERVAL = 30.0
-TUNNEL_SETTINGS = Settings(initial_window=1 << 20, max_frame_size=256 * 1024, max_streams=16384)
+# The relay opens streams and never accepts them from agents: MAX_STREAMS 0.
+TUNNEL_SETTINGS = Settings(initial_window=1 << 20, max_frame_size=256 * 1024, max_streams=0)
 
 
 class PortConflictError(Exception):
@@ -98,6 +100,7 @@ class PortBinding:
     listeners: list[anyio.abc.SocketListener]
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     connections: int = 0
+    by_source: dict[Any, int] = field(default_factory=dict)  # open connections per client IP
 
 
 def _iso(ts: float | None) -> str | None:
@@ -355,6 +358,9 @@ class Relay:
                 return
             state.streams_total += 1
             binding.connections += 1
+            source = origin.source if origin is not None else None
+            binding.by_source[source] = binding.by_source.get(source, 0) + 1
+            _keepalive(client)
             m = self.metrics
             m.streams_total.labels(state.name, service.name).inc()
             m.streams_open.labels(state.name).inc()
@@ -374,6 +380,11 @@ class Relay:
                 ok = await pipe(client, stream, a_to_b=count_to_agent, b_to_a=count_from_agent)
             finally:
                 binding.connections -= 1
+                left = binding.by_source[source] - 1
+                if left:
+                    binding.by_source[source] = left
+                else:
+                    del binding.by_source[source]
                 m.streams_open.labels(state.name).dec()
                 if not ok:
                     abort_socket(client)
@@ -393,6 +404,9 @@ class Relay:
         port_limit = service.max_connections or self.settings.max_connections_per_port
         if binding.connections >= port_limit:
             return "port_limit"
+        per_source = self.settings.max_connections_per_source
+        if origin is not None and binding.by_source.get(origin.source, 0) >= per_source:
+            return "source_limit"
         agent_limit = state.spec.max_streams or self.settings.max_streams_per_agent
         if session.active_streams >= agent_limit:
             return "agent_limit"
@@ -549,7 +563,20 @@ _REFUSALS = {
     "agent_offline": "its agent is offline",
     "port_limit": "the port is at its max_connections limit",
     "agent_limit": "the agent is at its max_streams limit",
+    "source_limit": "that source address is at max_connections_per_source on this port",
 }
+
+
+def _keepalive(client: anyio.abc.SocketStream) -> None:
+    """TCP keepalive on public connections: clients that vanish without FIN/RST are reaped."""
+    try:
+        sock = client.extra(SocketAttribute.raw_socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+    except (OSError, AttributeError, anyio.TypedAttributeLookupError):
+        pass
 
 
 def _contains(network: ipaddress.IPv4Network | ipaddress.IPv6Network, address: Any) -> bool:

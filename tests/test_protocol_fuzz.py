@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase
 
 from atlax.protocol import Connection, Origin, RemoteProtocolError, Role, Settings
 from atlax.protocol.frames import (
@@ -14,6 +16,11 @@ from atlax.protocol.frames import (
     encode_frame,
     encode_open_payload,
     encode_settings,
+)
+
+# Examples kept in the repo (read-only here: test runs never modify the tree).
+CORPUS = ReadOnlyDatabase(
+    DirectoryBasedExampleDatabase(str(Path(__file__).parent / "corpus" / "frames"))
 )
 
 FRAME = st.builds(
@@ -33,13 +40,13 @@ def _feed(conn: Connection, chunks: list[bytes]) -> None:
         pass
 
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], database=CORPUS)
 @given(st.lists(st.binary(max_size=256), max_size=8), st.sampled_from(list(Role)))
 def test_arbitrary_bytes_give_only_protocol_errors(chunks: list[bytes], role: Role) -> None:
     _feed(Connection(role), chunks)
 
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], database=CORPUS)
 @given(st.lists(FRAME, max_size=12), st.sampled_from(list(Role)))
 def test_arbitrary_frames_after_a_valid_start(frames: list[bytes], role: Role) -> None:
     """Well-formed headers with random content reach the state machine, not just the decoder."""

@@ -40,6 +40,8 @@ from .frames import (
 RESET_MEMORY = 4096
 # More PINGs than this per second from the peer is a flood.
 MAX_PINGS_PER_SECOND = 100
+# A peer that keeps opening streams we must refuse (beyond MAX_STREAMS) is flooding.
+MAX_REFUSED_STREAMS = 1000
 
 
 class Role(enum.Enum):
@@ -97,6 +99,7 @@ class Connection:
         self._local_open = 0  # live streams this side opened
         self._peer_open = 0  # live streams the peer opened
         self._reset_by_us: OrderedDict[int, None] = OrderedDict()
+        self._refused = 0
         self._goaway_sent: int | None = None  # last peer stream id promised in our GOAWAY
         self._goaway_received: int | None = None
         self._last_received = now
@@ -347,6 +350,12 @@ class Connection:
             self._remember_reset(stream_id)  # after our GOAWAY: ignored, the peer retries elsewhere
             return
         if self._peer_open >= self.local_settings.max_streams:
+            self._refused += 1
+            if self._refused > MAX_REFUSED_STREAMS:
+                raise RemoteProtocolError(
+                    f"peer opened more than {MAX_REFUSED_STREAMS} streams beyond MAX_STREAMS",
+                    ErrorCode.ENHANCE_YOUR_CALM,
+                )
             self._emit(
                 encode_frame(FrameType.RESET, 0, stream_id, encode_u32(ErrorCode.REFUSED_STREAM))
             )
