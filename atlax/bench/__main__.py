@@ -1,0 +1,179 @@
+"""python -m atlax.bench [--quick] [--json FILE] [--png FILE]
+
+Runs Atlax, `ssh -R` and the direct path side by side on 127.0.0.1, metric by metric (each metric
+measured on every path before the next metric), prints a table with the ratio Atlax / ssh -R,
+and writes JSON and a PNG chart of the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .harness import (
+    BenchError,
+    Lab,
+    Ports,
+    connect_ms,
+    idle_streams_rss,
+    raise_fd_limit,
+    rtt_us,
+    stalled_neighbour_ratio,
+    throughput,
+)
+
+# name: (unit, better) where better is "higher" or "lower"
+METRICS: dict[str, tuple[str, str]] = {
+    "throughput_1": ("MB/s", "higher"),
+    "throughput_100": ("MB/s", "higher"),
+    "rtt_p50_us": ("µs", "lower"),
+    "rtt_p99_us": ("µs", "lower"),
+    "connect_p50_ms": ("ms", "lower"),
+    "connect_p99_ms": ("ms", "lower"),
+    "idle_10k_rss_mb": ("MB", "lower"),
+    "stalled_neighbour_ratio": ("ratio", "higher"),
+}
+
+SIZES = {
+    # bytes for throughput_1, bytes for throughput_100, RTT samples, connect samples, idle streams
+    "full": (1 << 30, 1 << 30, 5000, 500, 10_000),
+    "quick": (32 << 20, 32 << 20, 200, 30, 300),
+}
+
+
+def run(quick: bool, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    one, hundred, rtt_n, connect_n, idle_n = SIZES["quick" if quick else "full"]
+    raise_fd_limit()
+    results: dict[str, dict[str, Any]] = {
+        name: {"atlax": None, "ssh_r": None, "direct": None, "unit": unit}
+        for name, (unit, _) in METRICS.items()
+    }
+    with tempfile.TemporaryDirectory(prefix="atlax-bench-") as tmp, Lab(Path(tmp)) as lab:
+        service = lab.services()
+        paths: dict[str, Ports] = {"direct": service}
+        log("starting Atlax relay + agent ...")
+        paths["atlax"] = lab.atlax(service)
+        log("starting sshd + ssh -R ...")
+        paths["ssh_r"] = lab.ssh(service)
+        order = ["atlax", "ssh_r", "direct"]
+        for path in order:  # warm up every path once
+            throughput(paths[path].sink, 8 << 20)
+        log(f"throughput, 1 stream, {one >> 20} MiB ...")
+        for path in order:
+            results["throughput_1"][path] = throughput(paths[path].sink, one)
+        log(f"throughput, 100 streams, {hundred >> 20} MiB in all ...")
+        for path in order:
+            results["throughput_100"][path] = throughput(paths[path].sink, hundred, 100)
+        log(f"64-byte round trips x{rtt_n} ...")
+        for path in order:
+            p50, p99 = rtt_us(paths[path].echo, rtt_n)
+            results["rtt_p50_us"][path], results["rtt_p99_us"][path] = p50, p99
+        log(f"connect to first byte x{connect_n} ...")
+        for path in order:
+            p50, p99 = connect_ms(paths[path].echo, connect_n)
+            results["connect_p50_ms"][path], results["connect_p99_ms"][path] = p50, p99
+        log(f"relay memory with {idle_n} idle streams ...")
+        hold = paths["atlax"].hold
+        assert hold is not None
+        # --quick opens fewer idle streams: the figure then only proves the measurement works.
+        results["idle_10k_rss_mb"]["atlax"] = idle_streams_rss(lab, hold, idle_n)
+        log("one stream beside a stalled neighbour ...")
+        source = paths["atlax"].source
+        assert source is not None
+        results["stalled_neighbour_ratio"]["atlax"] = stalled_neighbour_ratio(
+            paths["atlax"].sink, source, one // 2
+        )
+    return results
+
+
+def ratio(name: str, row: dict[str, Any]) -> float | None:
+    if row["atlax"] is None or row["ssh_r"] in (None, 0):
+        return None
+    return float(row["atlax"]) / float(row["ssh_r"])
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        f"{'metric':<26}{'atlax':>12}{'ssh -R':>12}{'direct':>12}  {'unit':<6}{'atlax/ssh -R':>14}"
+    ]
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:,.2f}" if v < 100 else f"{v:,.0f}"
+
+    for name, row in results.items():
+        r = ratio(name, row)
+        better = METRICS[name][1]
+        note = (
+            ""
+            if r is None
+            else f"{r:.2f}x ({'higher' if better == 'higher' else 'lower'} is better)"
+        )
+        lines.append(
+            f"{name:<26}{fmt(row['atlax']):>12}{fmt(row['ssh_r']):>12}{fmt(row['direct']):>12}  {row['unit']:<6}{note:>14}"
+        )
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results if ratio(n, results[n]) is not None]
+    values = [ratio(n, results[n]) or 0.0 for n in names]
+    colors = []
+    for n, v in zip(names, values, strict=True):
+        good = v >= 1.0 if METRICS[n][1] == "higher" else v <= 1.0
+        colors.append("#2e7d32" if good else "#c62828")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.barh(names, values, color=colors)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xlabel("Atlax / ssh -R  (throughput: higher is better; latency: lower is better)")
+    ax.set_title("Atlax vs ssh -R, same machine, same run")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.2f}x", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m atlax.bench", description=__doc__.split("\n\n")[1]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes: seconds, proves it works"
+    )
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--png", type=Path, help="bar chart of the ratios (default: next to --json)"
+    )
+    args = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        results = run(args.quick, log)
+    except BenchError as exc:
+        print(f"atlax.bench: error: {exc}", file=sys.stderr)
+        return 1
+    print(table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"quick": args.quick, "metrics": results}, indent=2) + "\n")
+    png = args.png or (args.json.with_suffix(".png") if args.json else None)
+    if png:
+        chart(results, png)
+        print(f"wrote {args.json or ''} {png}".strip(), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

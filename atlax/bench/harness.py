@@ -1,0 +1,368 @@
+"""Starts the three paths (Atlax, `ssh -R`, direct) and measures them with blocking sockets.
+
+Every process is started in its own session and killed at the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+NOFILE = 65536
+LIMITED = (
+    "import resource,sys;"
+    "s,h=resource.getrlimit(resource.RLIMIT_NOFILE);"
+    f"resource.setrlimit(resource.RLIMIT_NOFILE,(min(h,{NOFILE}),h));"
+    "from atlax.cli import main;sys.exit(main(sys.argv[1:]))"
+)
+
+
+def raise_fd_limit() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, NOFILE), hard))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Ports:
+    sink: int
+    echo: int
+    hold: int | None = None
+    source: int | None = None
+
+
+class BenchError(Exception):
+    """Something the benchmark needs could not be started; the message says what."""
+
+
+class Lab:
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.relay_pid = 0
+        self.metrics_port = 0
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.procs):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.dir / f"{name}.log").open("wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    # -- the service ---------------------------------------------------------------------------
+
+    def services(self) -> Ports:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "atlax.bench.services"],
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise BenchError("the benchmark service did not start")
+        ports = json.loads(line)
+        return Ports(ports["sink"], ports["echo"], ports["hold"], ports["source"])
+
+    # -- Atlax ---------------------------------------------------------------------------------
+
+    def atlax(self, service: Ports) -> Ports:
+        from datetime import timedelta
+
+        from atlax import certs
+
+        pki = self.dir / "pki"
+        ca = certs.create_ca("bench CA")
+        certs.write_ca(ca, pki)
+        certs.write_pair(
+            certs.issue_server_certificate(
+                ca, "relay", ["localhost", "127.0.0.1"], timedelta(days=1)
+            ),
+            pki,
+            "relay",
+        )
+        certs.write_pair(
+            certs.issue_client_certificate(ca, "bench", timedelta(days=1)), pki, "bench"
+        )
+        public = Ports(free_port(), free_port(), free_port(), free_port())
+        agent_port, self.metrics_port = free_port(), free_port()
+        services = ", ".join(
+            f'{{ name = "{n}", port = {getattr(public, n)} }}'
+            for n in ("sink", "echo", "hold", "source")
+        )
+        config = self.dir / "relay.toml"
+        config.write_text(
+            f'[relay]\nlisten = "127.0.0.1:{agent_port}"\nca = "pki/ca.crt"\ncert = "pki/relay.crt"\n'
+            f'key = "pki/relay.key"\npublic_host = "127.0.0.1"\nmetrics = "127.0.0.1:{self.metrics_port}"\n'
+            "max_connections_per_port = 20000\nmax_connections_per_source = 20000\n"
+            "max_streams_per_agent = 20000\n"
+            f'[[agents]]\nname = "bench"\nservices = [ {services} ]\n'
+        )
+        relay = self._spawn(
+            "relay",
+            [
+                sys.executable,
+                "-c",
+                LIMITED,
+                "--log-level",
+                "warning",
+                "relay",
+                "--config",
+                str(config),
+            ],
+        )
+        self.relay_pid = relay.pid
+        argv = [
+            sys.executable,
+            "-c",
+            LIMITED,
+            "--log-level",
+            "warning",
+            "agent",
+            "--relay",
+            f"localhost:{agent_port}",
+            "--ca",
+            str(pki / "ca.crt"),
+            "--cert",
+            str(pki / "bench.crt"),
+            "--key",
+            str(pki / "bench.key"),
+        ]
+        for name in ("sink", "echo", "hold", "source"):
+            argv += ["--service", f"{name}=127.0.0.1:{getattr(service, name)}"]
+        self._spawn("agent", argv)
+        self._wait_echo(public.echo, "the Atlax tunnel")
+        return public
+
+    def relay_rss_mb(self) -> float:
+        text = Path(f"/proc/{self.relay_pid}/status").read_text()
+        match = re.search(r"VmRSS:\s+(\d+) kB", text)
+        assert match
+        return int(match.group(1)) / 1024
+
+    def relay_open_streams(self) -> float:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as resp:
+            text = resp.read().decode()
+        match = re.search(r'^atlax_streams_open\{agent="bench"\} ([0-9.e+]+)$', text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    # -- ssh -R --------------------------------------------------------------------------------
+
+    def ssh(self, service: Ports) -> Ports:
+        sshd = "/usr/sbin/sshd"
+        if not os.path.exists(sshd):
+            subprocess.run([str(ROOT / "hack" / "install-sshd")], check=True)
+        d = self.dir / "ssh"
+        d.mkdir()
+        for key in ("host_key", "user_key"):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True
+            )
+        shutil.copy(d / "user_key.pub", d / "authorized_keys")
+        Path("/run/sshd").mkdir(exist_ok=True)
+        port = free_port()
+        (d / "sshd_config").write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            "AllowTcpForwarding yes\nLogLevel ERROR\nMaxStartups 100\n"
+        )
+        self._spawn("sshd", [sshd, "-D", "-e", "-f", str(d / "sshd_config")])
+        self._wait_port(port, "sshd")
+        public = Ports(free_port(), free_port(), free_port(), free_port())
+        argv = [
+            "ssh",
+            "-N",
+            "-T",
+            "-i",
+            str(d / "user_key"),
+            "-p",
+            str(port),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+        for name in ("sink", "echo", "hold", "source"):
+            argv += ["-R", f"127.0.0.1:{getattr(public, name)}:127.0.0.1:{getattr(service, name)}"]
+        self._spawn("ssh", [*argv, f"{os.environ.get('USER', 'root')}@127.0.0.1"])
+        self._wait_echo(public.echo, "the ssh -R tunnel")
+        return public
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _wait_port(self, port: int, what: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise BenchError(
+            f"{what} did not listen on 127.0.0.1:{port} within {timeout:g}s; logs in {self.dir}"
+        )
+
+    def _wait_echo(self, port: int, what: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"x")
+                    if sock.recv(1) == b"x":
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise BenchError(f"{what} did not carry traffic within {timeout:g}s; logs in {self.dir}")
+
+
+# -- measurements ----------------------------------------------------------------------------------
+
+BLOCK = memoryview(os.urandom(1 << 20))
+
+
+def _send_all(port: int, size: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        left = size
+        while left:
+            n = min(left, len(BLOCK))
+            sock.sendall(BLOCK[:n])
+            left -= n
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while len(reply) < 8:
+            part = sock.recv(8 - len(reply))
+            if not part:
+                break
+            reply += part
+        if int.from_bytes(reply, "big") != size:
+            raise BenchError(
+                f"sink on port {port} counted {int.from_bytes(reply or b'0', 'big')} of {size} bytes"
+            )
+
+
+def throughput(port: int, total: int, streams: int = 1) -> float:
+    """MB/s (10^6) moving `total` bytes over `streams` parallel connections."""
+    per = total // streams
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _send_all(port, per)
+        except BaseException as exc:  # reported below, in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(streams)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise BenchError(str(errors[0]))
+    return per * streams / elapsed / 1e6
+
+
+def rtt_us(port: int, count: int) -> tuple[float, float]:
+    samples = []
+    message = b"m" * 64
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            start = time.perf_counter()
+            sock.sendall(message)
+            got = 0
+            while got < 64:
+                got += len(sock.recv(64 - got))
+            samples.append((time.perf_counter() - start) * 1e6)
+    return _p(samples, 50), _p(samples, 99)
+
+
+def connect_ms(port: int, count: int) -> tuple[float, float]:
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(b"x")
+            if sock.recv(1) != b"x":
+                raise BenchError("echo answered nothing")
+            samples.append((time.perf_counter() - start) * 1e3)
+    return _p(samples, 50), _p(samples, 99)
+
+
+def _p(samples: list[float], pct: int) -> float:
+    if len(samples) < 2:
+        return samples[0]
+    return statistics.quantiles(samples, n=100, method="inclusive")[pct - 1]
+
+
+def idle_streams_rss(lab: Lab, port: int, count: int) -> float:
+    """Relay RSS (MB) while `count` idle streams are open on its one tunnel."""
+    socks = []
+    try:
+        for _ in range(count):
+            socks.append(socket.create_connection(("127.0.0.1", port)))
+        deadline = time.monotonic() + 60
+        while lab.relay_open_streams() < count:
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"only {lab.relay_open_streams():.0f} of {count} idle streams opened"
+                )
+            time.sleep(0.2)
+        return lab.relay_rss_mb()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def stalled_neighbour_ratio(sink: int, source: int, size: int) -> float:
+    """Throughput of a stream while another on the same tunnel is stalled, over without it."""
+    alone = throughput(sink, size)
+    with socket.create_connection(("127.0.0.1", source)) as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        stalled.recv(65536)  # it flows ... and then its reader stops for good
+        time.sleep(0.5)  # let the stalled stream fill its window
+        beside = throughput(sink, size)
+    return beside / alone
