@@ -292,6 +292,9 @@ def build_registry(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Recon
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.peering.standalone = True
+        # One known namespace and one known CRD (installed before the operator starts): no
+        # cluster-wide watching of CRDs and namespaces, so the RBAC stays namespaced.
+        settings.scanning.disabled = True
         settings.posting.level = logging.INFO
         settings.persistence.finalizer = "atlax.dev/cleanup"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="atlax.dev")

@@ -1,0 +1,348 @@
+"""The Helm chart and manifests, checked with real helm and a real kube-apiserver."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ROOT, free_port
+from controlplane import ControlPlane
+
+CHART = ROOT / "charts" / "atlax"
+KUBE_VERSION = "1.32.4"
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    tools = subprocess.run(
+        [str(ROOT / "hack" / "tools")], capture_output=True, text=True, check=True
+    )
+    binary = Path(tools.stdout.strip().splitlines()[-1]) / "helm"
+    return subprocess.run(
+        [str(binary), *args], capture_output=True, text=True, timeout=60, check=check
+    )
+
+
+def render(*sets: str, namespace: str = "atlax", release: str = "atlax") -> list[dict[str, Any]]:
+    args = [
+        "template",
+        release,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--kube-version",
+        KUBE_VERSION,
+    ]
+    for s in sets:
+        args += ["--set", s]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+CUSTOM = (
+    "image.repository=registry.example.com/atlax",
+    "image.tag=1.2.3",
+    "metrics.serviceMonitor.enabled=true",
+    "service.loadBalancerSourceRanges={203.0.113.0/24}",
+    "service.externalTrafficPolicy=Cluster",
+    "relay.publicAddress=relay.example.com",
+    "relay.extraSANs={203.0.113.10}",
+    "relay.allowPrivilegedPorts=false",
+)
+
+
+def test_chart_crd_is_the_manifest_crd() -> None:
+    assert (CHART / "crds" / "tunnelagents.yaml").read_text() == (
+        ROOT / "manifests" / "crd.yaml"
+    ).read_text()
+
+
+def test_helm_lint() -> None:
+    result = helm("lint", str(CHART), "--kube-version", KUBE_VERSION, "--strict")
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_default_render_is_hardened() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render()}
+    deployment = docs[("Deployment", "atlax")]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert {"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"} in pod["securityContext"][
+        "sysctls"
+    ]
+    for container in pod["containers"]:
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert container["resources"]["limits"] and container["resources"]["requests"]
+    relay = next(c for c in pod["containers"] if c["name"] == "relay")
+    assert relay["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert relay["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes["control"] and "emptyDir" in volumes["tls"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    service = docs[("Service", "atlax")]
+    assert (
+        service["spec"]["type"] == "LoadBalancer"
+        and service["spec"]["externalTrafficPolicy"] == "Local"
+    )
+    assert ("ServiceMonitor", "atlax") not in docs
+    rules = docs[("Role", "atlax")]["rules"]
+    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
+    assert next(r for r in rules if r["resources"] == ["services"])["resourceNames"] == ["atlax"]
+    assert not any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for d in docs.values())
+
+
+def test_custom_values_render() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render(*CUSTOM)}
+    pod = docs[("Deployment", "atlax")]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "registry.example.com/atlax:1.2.3"
+    assert "sysctls" not in pod["securityContext"]
+    operator_args = next(c for c in pod["containers"] if c["name"] == "operator")["args"]
+    assert "--relay-address=relay.example.com:7443" in operator_args
+    assert "--relay-san=203.0.113.10" in operator_args
+    assert docs[("Service", "atlax")]["spec"]["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
+    assert docs[("ServiceMonitor", "atlax")]["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("replicaCount=abc", "replicaCount: Invalid type"),
+        ("replicaCount=2", "replicaCount: Must be less than or equal to 1"),
+        ("relay.agentPort=70000", "relay.agentPort: Must be less than or equal to 65535"),
+        ("service.externalTrafficPolicy=Sometimes", "service.externalTrafficPolicy"),
+        ("metrics.serviceMonitor.enabled=maybe", "metrics.serviceMonitor.enabled: Invalid type"),
+        ("relay.unknownKey=1", "Additional property unknownKey is not allowed"),
+        (
+            "service.loadBalancerSourceRanges={nope}",
+            "service.loadBalancerSourceRanges.0: Does not match pattern",
+        ),
+    ],
+)
+def test_schema_rejects_bad_values(value: str, message: str) -> None:
+    result = helm(
+        "template", "atlax", str(CHART), "--kube-version", KUBE_VERSION, "--set", value, check=False
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_manifests_are_rendered_from_the_chart() -> None:
+    result = subprocess.run(
+        [str(ROOT / "hack" / "render-manifests"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.agent"])
+def test_dockerfiles_follow_the_rules(dockerfile: str) -> None:
+    text = (ROOT / dockerfile).read_text()
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert len(froms) >= 2, "multi-stage build"
+    for image in froms:
+        assert ":" in image and not image.endswith(":latest"), f"pinned base image: {image}"
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "runs as non-root"
+    final = text.split("FROM", 2)[-1]
+    assert "--constraint constraints.txt" in text and "--no-index" in final, (
+        "pinned deps, no network in the final stage"
+    )
+    assert not re.search(r"apt-get install .*(gcc|build-essential)", final)
+
+
+def test_agent_entrypoint_is_valid_shell() -> None:
+    result = subprocess.run(
+        ["sh", "-n", str(ROOT / "docker" / "agent-entrypoint.sh")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# -- against the real API server -----------------------------------------------------------------
+
+
+MINIMAL_SERVICEMONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "names": {"kind": "ServiceMonitor", "plural": "servicemonitors"},
+        "scope": "Namespaced",
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": True,
+                    }
+                },
+            }
+        ],
+    },
+}
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.k8s
+@pytest.mark.parametrize("values", [(), CUSTOM], ids=["default", "custom"])
+def test_every_rendered_object_passes_server_side_dry_run(
+    control_plane: ControlPlane, values: tuple[str, ...]
+) -> None:
+    cp = control_plane
+    cp.kubectl("apply", "-f", "-", input=json.dumps(MINIMAL_SERVICEMONITOR_CRD))
+    cp.kubectl("apply", "-f", str(CHART / "crds" / "tunnelagents.yaml"))
+    cp.kubectl("create", "namespace", "atlax", check=False)
+    _wait(
+        lambda: cp.kubectl("get", "servicemonitors", "-n", "atlax", check=False).returncode == 0,
+        30,
+        "CRDs",
+    )
+    docs = render(*values)
+    result = cp.kubectl(
+        "apply",
+        "--dry-run=server",
+        "-n",
+        "atlax",
+        "-f",
+        "-",
+        input="\n---\n".join(yaml.safe_dump(d) for d in docs),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("(server dry run)") == len(docs)
+
+
+@pytest.mark.k8s
+def test_rendered_manifests_pass_server_side_dry_run(control_plane: ControlPlane) -> None:
+    result = control_plane.kubectl(
+        "apply", "--dry-run=server", "-f", str(ROOT / "manifests" / "atlax.yaml"), check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.k8s
+def test_operator_works_with_only_the_charts_rbac(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Create the chart's ServiceAccount, Role, RoleBinding and Service, then run the operator
+    with that ServiceAccount's token: it must do its whole job without a Forbidden."""
+    cp, ns = control_plane, "atlax-rbac"
+    cp.kubectl("apply", "-f", str(CHART / "crds" / "tunnelagents.yaml"))
+    cp.kubectl("create", "namespace", ns, check=False)
+    wanted = {"ServiceAccount", "Role", "RoleBinding", "Service"}
+    docs = [d for d in render(namespace=ns) if d["kind"] in wanted]
+    cp.kubectl("apply", "-n", ns, "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs))
+    token = cp.kubectl("create", "token", "atlax", "-n", ns, "--duration=1h").stdout.strip()
+    kubeconfig = cp.kubeconfig_for_token(token, tmp_path / "sa-kubeconfig", namespace=ns)
+    port, relay_port = free_port(), free_port()
+    sock = tmp_path / "run" / "control.sock"
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "relay.toml").write_text(
+        f'[relay]\nlisten = "127.0.0.1:{relay_port}"\nca = "tls/ca.crt"\ncert = "tls/relay.crt"\n'
+        f'key = "tls/relay.key"\npublic_host = "127.0.0.1"\ncontrol_socket = "{sock}"\n'
+    )
+    relay = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "atlax.cli",
+            "relay",
+            "--config",
+            str(tmp_path / "relay.toml"),
+            "--wait-for-tls",
+            "60",
+        ],
+        stdout=(tmp_path / "relay.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    log = tmp_path / "operator.log"
+    operator = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "atlax.cli",
+            "operator",
+            "--namespace",
+            ns,
+            "--control-socket",
+            str(sock),
+            "--service-name",
+            "atlax",
+            "--relay-address",
+            f"127.0.0.1:{relay_port}",
+            "--relay-san",
+            "127.0.0.1",
+            "--relay-tls-dir",
+            str(tmp_path / "tls"),
+            "--status-interval",
+            "1",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env={"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin"},
+    )
+    try:
+        agent = {
+            "apiVersion": "atlax.dev/v1alpha1",
+            "kind": "TunnelAgent",
+            "metadata": {"name": "rbac-check", "namespace": ns},
+            "spec": {"services": [{"name": "web", "port": port}]},
+        }
+        cp.kubectl("apply", "-f", "-", input=json.dumps(agent))
+
+        def ports_open() -> bool:
+            out = cp.kubectl("get", "tunnelagent", "rbac-check", "-n", ns, "-o", "json").stdout
+            conds = json.loads(out).get("status", {}).get("conditions", [])
+            return any(c["type"] == "PortsOpen" and c["status"] == "True" for c in conds)
+
+        _wait(ports_open, 60, "PortsOpen under the chart's RBAC")
+        secret = json.loads(
+            cp.kubectl("get", "secret", "atlax-agent-rbac-check", "-n", ns, "-o", "json").stdout
+        )
+        assert base64.b64decode(secret["data"]["relay"]).decode() == f"127.0.0.1:{relay_port}"
+        service = json.loads(cp.kubectl("get", "service", "atlax", "-n", ns, "-o", "json").stdout)
+        assert port in {p["port"] for p in service["spec"]["ports"]}
+        events = cp.kubectl(
+            "get", "events", "-n", ns, "--field-selector", "involvedObject.name=rbac-check"
+        ).stdout
+        assert "CertificateIssued" in events
+        cp.kubectl("delete", "tunnelagent", "rbac-check", "-n", ns, "--timeout=60s")
+        assert (
+            cp.kubectl("get", "secret", "atlax-agent-rbac-check", "-n", ns, check=False).returncode
+            != 0
+        )
+    finally:
+        for proc in (operator, relay):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (operator, relay):
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    text = log.read_text()
+    assert "Forbidden" not in text and "403" not in text, text[-3000:]
