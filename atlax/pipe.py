@@ -70,5 +70,5 @@ def abort_socket(stream: anyio.abc.ByteStream) -> None:
         return
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
+    except (OSError, ValueError):  # already closed (uvloop raises ValueError for fd -1)
         pass

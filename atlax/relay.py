@@ -75,7 +75,7 @@ class AgentState:
         heartbeat: str | None = None
         rtt: float | None = None
         if session is not None and connected:
-            age = anyio.current_time() - session.last_received
+            age = time.monotonic() - session.last_received
             heartbeat = _iso(time.time() - age)
             rtt = session.rtt
         return {
@@ -531,7 +531,19 @@ async def accept_loop(
                 log.warning("accept failed: %s", exc.strerror or exc)
                 await anyio.sleep(0.1)
                 continue
-            tg.start_soon(handler, client)
+            tg.start_soon(_contained, handler, client)
+
+
+async def _contained(
+    handler: Callable[[Any], Coroutine[Any, Any, None]], client: anyio.abc.SocketStream
+) -> None:
+    """One connection's bug must never take the relay down with it: log it, drop only that."""
+    try:
+        await handler(client)
+    except Exception:
+        log.exception("internal error handling a connection; closed it")
+        with anyio.CancelScope(shield=True):
+            await client.aclose()
 
 
 async def _refuse(tls: TLSStream, code: ErrorCode, reason: str) -> None:

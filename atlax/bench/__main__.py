@@ -77,17 +77,18 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
         for path in order:
             p50, p99 = connect_ms(paths[path].echo, connect_n)
             results["connect_p50_ms"][path], results["connect_p99_ms"][path] = p50, p99
-        log(f"relay memory with {idle_n} idle streams ...")
-        hold = paths["atlax"].hold
-        assert hold is not None
-        # --quick opens fewer idle streams: the figure then only proves the measurement works.
-        results["idle_10k_rss_mb"]["atlax"] = idle_streams_rss(lab, hold, idle_n)
         log("one stream beside a stalled neighbour ...")
         source = paths["atlax"].source
         assert source is not None
         results["stalled_neighbour_ratio"]["atlax"] = stalled_neighbour_ratio(
             paths["atlax"].sink, source, one // 2
         )
+        log(f"relay memory with {idle_n} idle streams ...")
+        hold = paths["atlax"].hold
+        assert hold is not None
+        # Last: tearing down thousands of streams would disturb anything measured after it.
+        # --quick opens fewer idle streams: the figure then only proves the measurement works.
+        results["idle_10k_rss_mb"]["atlax"] = idle_streams_rss(lab, hold, idle_n)
     return results
 
 

@@ -358,11 +358,13 @@ def idle_streams_rss(lab: Lab, port: int, count: int) -> float:
 
 
 def stalled_neighbour_ratio(sink: int, source: int, size: int) -> float:
-    """Throughput of a stream while another on the same tunnel is stalled, over without it."""
-    alone = throughput(sink, size)
+    """Throughput of a stream while another on the same tunnel is stalled, over the same
+    stream's throughput without it (the mean of one run before and one after)."""
+    before = throughput(sink, size)
     with socket.create_connection(("127.0.0.1", source)) as stalled:
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         stalled.recv(65536)  # it flows ... and then its reader stops for good
         time.sleep(0.5)  # let the stalled stream fill its window
         beside = throughput(sink, size)
-    return beside / alone
+    after = throughput(sink, size)
+    return beside / ((before + after) / 2)

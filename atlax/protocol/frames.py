@@ -262,6 +262,7 @@ class FrameDecoder:
         buf += data
         pos = 0
         end = len(buf)
+        view = memoryview(buf)
         try:
             while end - pos >= HEADER_SIZE:
                 stream_id, length, raw_type, flags, reserved = HEADER.unpack_from(buf, pos)
@@ -269,10 +270,11 @@ class FrameDecoder:
                 if end - pos - HEADER_SIZE < length:
                     break
                 start = pos + HEADER_SIZE
-                payload = bytes(buf[start : start + length])
+                payload = bytes(view[start : start + length])  # one copy, not two
                 pos = start + length
                 yield Frame(type_, flags, stream_id, payload)
         finally:
+            view.release()
             del buf[:pos]
 
     def _check_header(self, stream_id: int, length: int, raw_type: int, reserved: int) -> FrameType:
