@@ -148,18 +148,21 @@ def create_ca(
     )
 
 
-def _leaf_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
+def _leaf_extensions(
+    usage: x509.ObjectIdentifier, *extra: x509.ExtensionType
+) -> list[tuple[x509.ExtensionType, bool]]:
+    """What every leaf certificate carries: not a CA, signatures only, one extended usage."""
+    key_usage = x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+    return [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (key_usage, True),
+        (x509.ExtendedKeyUsage([usage]), False),
+        *((ext, False) for ext in extra),
+    ]
 
 
 def issue_client_certificate(
@@ -172,15 +175,7 @@ def issue_client_certificate(
     """An agent certificate: CN = `name`, the agent's identity; usable for client auth only."""
     _check_name(name, "agent name")
     return _new_cert(
-        ca,
-        name,
-        lifetime,
-        not_before,
-        [
-            (x509.BasicConstraints(ca=False, path_length=None), True),
-            (_leaf_usage(), True),
-            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
-        ],
+        ca, name, lifetime, not_before, _leaf_extensions(ExtendedKeyUsageOID.CLIENT_AUTH)
     )
 
 
@@ -205,18 +200,10 @@ def issue_server_certificate(
                 f"subject alternative name {san!r} is neither an IP address nor a DNS name"
             )
         entries.append(x509.DNSName(san.lower()))
-    return _new_cert(
-        ca,
-        name,
-        lifetime,
-        not_before,
-        [
-            (x509.BasicConstraints(ca=False, path_length=None), True),
-            (_leaf_usage(), True),
-            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
-            (x509.SubjectAlternativeName(entries), False),
-        ],
+    extensions = _leaf_extensions(
+        ExtendedKeyUsageOID.SERVER_AUTH, x509.SubjectAlternativeName(entries)
     )
+    return _new_cert(ca, name, lifetime, not_before, extensions)
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:

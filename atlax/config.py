@@ -118,7 +118,18 @@ class AgentSpec(_Model):
         return self
 
 
-class RelaySettings(_Model):
+class _Keepalive(_Model):
+    keepalive_interval: float = Field(default=10.0, gt=0)
+    keepalive_timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _keepalive_order(self) -> _Keepalive:
+        if self.keepalive_timeout <= self.keepalive_interval:
+            raise ValueError("keepalive_timeout must be greater than keepalive_interval")
+        return self
+
+
+class RelaySettings(_Keepalive):
     listen: HostPortField
     ca: Path
     cert: Path
@@ -126,20 +137,12 @@ class RelaySettings(_Model):
     control_socket: Path | None = None
     public_host: str = "0.0.0.0"
     metrics: HostPortField | None = None
-    keepalive_interval: float = Field(default=10.0, gt=0)
-    keepalive_timeout: float = Field(default=30.0, gt=0)
     handshake_timeout: float = Field(default=10.0, gt=0)
     max_agents: int = Field(default=1000, ge=1)
     max_streams_per_agent: int = Field(default=4096, ge=1)
     max_connections_per_port: int = Field(default=1024, ge=1)
     max_connections_per_source: int = Field(default=256, ge=1)
     drain_timeout: float = Field(default=30.0, ge=0)
-
-    @model_validator(mode="after")
-    def _keepalive(self) -> RelaySettings:
-        if self.keepalive_timeout <= self.keepalive_interval:
-            raise ValueError("keepalive_timeout must be greater than keepalive_interval")
-        return self
 
 
 class RelayConfig(_Model):
@@ -163,7 +166,7 @@ class RelayConfig(_Model):
         return self
 
 
-class AgentSettings(_Model):
+class AgentSettings(_Keepalive):
     relay: HostPortField
     ca: Path
     cert: Path
@@ -171,14 +174,10 @@ class AgentSettings(_Model):
     server_name: str | None = None
     backoff_initial: float = Field(default=0.5, gt=0)
     backoff_cap: float = Field(default=30.0, gt=0)
-    keepalive_interval: float = Field(default=10.0, gt=0)
-    keepalive_timeout: float = Field(default=30.0, gt=0)
     connect_timeout: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
-    def _ordering(self) -> AgentSettings:
-        if self.keepalive_timeout <= self.keepalive_interval:
-            raise ValueError("keepalive_timeout must be greater than keepalive_interval")
+    def _backoff_order(self) -> AgentSettings:
         if self.backoff_cap < self.backoff_initial:
             raise ValueError("backoff_cap must not be smaller than backoff_initial")
         return self

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import pytest
 from atlax import certs
 from atlax.agent import Agent
 from atlax.config import AgentSettings, AgentSpec, HostPort, RelaySettings, ServiceSpec
+from atlax.demo import free_port
 from atlax.relay import Relay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,13 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)
@@ -167,6 +160,19 @@ async def running_agent(agent: Agent, wait: bool = True) -> AsyncIterator[Agent]
             yield agent
         finally:
             tg.cancel_scope.cancel()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
+    """Blocking poll for tests that drive processes; returns the predicate's truthy value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 async def wait_until(

@@ -8,13 +8,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_for
 from controlplane import ControlPlane
 
 CHART = ROOT / "charts" / "atlax"
@@ -198,16 +197,6 @@ MINIMAL_SERVICEMONITOR_CRD = {
 }
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.k8s
 @pytest.mark.parametrize("values", [(), CUSTOM], ids=["default", "custom"])
 def test_every_rendered_object_passes_server_side_dry_run(
@@ -217,7 +206,7 @@ def test_every_rendered_object_passes_server_side_dry_run(
     cp.kubectl("apply", "-f", "-", input=json.dumps(MINIMAL_SERVICEMONITOR_CRD))
     cp.kubectl("apply", "-f", str(CHART / "crds" / "tunnelagents.yaml"))
     cp.kubectl("create", "namespace", "atlax", check=False)
-    _wait(
+    wait_for(
         lambda: cp.kubectl("get", "servicemonitors", "-n", "atlax", check=False).returncode == 0,
         30,
         "CRDs",
@@ -320,7 +309,7 @@ def test_operator_works_with_only_the_charts_rbac(
             conds = json.loads(out).get("status", {}).get("conditions", [])
             return any(c["type"] == "PortsOpen" and c["status"] == "True" for c in conds)
 
-        _wait(ports_open, 60, "PortsOpen under the chart's RBAC")
+        wait_for(ports_open, 60, "PortsOpen under the chart's RBAC")
         secret = json.loads(
             cp.kubectl("get", "secret", "atlax-agent-rbac-check", "-n", ns, "-o", "json").stdout
         )

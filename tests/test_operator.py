@@ -11,7 +11,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,16 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import ROOT, echo_handler, exchange, free_port, running_agent, tcp_service, wait_until
+from conftest import (
+    ROOT,
+    echo_handler,
+    exchange,
+    free_port,
+    running_agent,
+    tcp_service,
+    wait_for,
+    wait_until,
+)
 from controlplane import ControlPlane
 
 from atlax import certs
@@ -45,16 +53,6 @@ def tunnel_agent(name: str, **ports: int) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": NS},
         "spec": {"services": [{"name": s, "port": p} for s, p in ports.items()]},
     }
-
-
-def _wait(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass
@@ -117,7 +115,7 @@ class Stack:
 def stack(control_plane: ControlPlane, tmp_path: Path) -> Iterator[Stack]:
     cp = control_plane
     cp.kubectl("apply", "-f", str(ROOT / "manifests" / "crd.yaml"))
-    _wait(
+    wait_for(
         lambda: cp.kubectl("get", "tunnelagents", check=False).returncode == 0,
         30,
         "the CRD to be served",
@@ -170,7 +168,7 @@ def stack(control_plane: ControlPlane, tmp_path: Path) -> Iterator[Stack]:
             cp.kubectl(
                 "delete", "tunnelagent", name, "-n", NS, "--ignore-not-found", "--wait=false"
             )
-        _wait(
+        wait_for(
             lambda: not kubectl_json(cp, "get", "tunnelagents", "-n", NS)["items"],
             30,
             "TunnelAgents to be gone",
@@ -205,7 +203,9 @@ def test_tunnel_agent_end_to_end(stack: Stack) -> None:
         "-",
         input=example.replace("port: 445", f"port: {smb}").replace("port: 8080", f"port: {web}"),
     )
-    _wait(lambda: stack.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen")
+    wait_for(
+        lambda: stack.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen"
+    )
     settings, data = stack.agent_files("home-nas")
     # The Secret: CN = the TunnelAgent's name, issued by the CA in Secret atlax-ca.
     cert = certs.load_certificates(settings.cert)[0]
@@ -229,7 +229,7 @@ def test_tunnel_agent_end_to_end(stack: Stack) -> None:
             async with running_agent(agent):
                 assert await exchange(web, b"GET / through the relay") == b"GET / through the relay"
                 await anyio.to_thread.run_sync(
-                    lambda: _wait(
+                    lambda: wait_for(
                         lambda: stack.condition("home-nas", "Ready").get("status") == "True",
                         30,
                         "Ready",
@@ -271,11 +271,11 @@ def test_port_conflict_between_two_tunnel_agents(stack: Stack) -> None:
     cp = stack.cp
     port = free_port()
     apply(cp, tunnel_agent("first", web=port))
-    _wait(
+    wait_for(
         lambda: stack.condition("first", "PortsOpen").get("status") == "True", 60, "first PortsOpen"
     )
     apply(cp, tunnel_agent("second", files=port))
-    cond = _wait(
+    cond = wait_for(
         lambda: (c := stack.condition("second", "PortsOpen")).get("status") == "False" and c,
         60,
         "second's conflict",
@@ -287,7 +287,7 @@ def test_port_conflict_between_two_tunnel_agents(stack: Stack) -> None:
     ).stdout
     assert "PortConflict" in events
     cp.kubectl("delete", "tunnelagent", "first", "-n", NS, "--timeout=30s")
-    _wait(
+    wait_for(
         lambda: stack.condition("second", "PortsOpen").get("status") == "True",
         60,
         "second takes the port",
@@ -299,7 +299,9 @@ def test_relay_restart_is_repaired(stack: Stack) -> None:
     cp = stack.cp
     port = free_port()
     apply(cp, tunnel_agent("home-nas", web=port))
-    _wait(lambda: stack.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen")
+    wait_for(
+        lambda: stack.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen"
+    )
     settings, _ = stack.agent_files("home-nas")
 
     async def run() -> None:
@@ -332,7 +334,7 @@ def test_invalid_specs_are_rejected_by_the_api_server(
     control_plane: ControlPlane, services: list[dict[str, Any]], message: str
 ) -> None:
     control_plane.kubectl("apply", "-f", str(ROOT / "manifests" / "crd.yaml"))
-    _wait(
+    wait_for(
         lambda: control_plane.kubectl("get", "tunnelagents", check=False).returncode == 0,
         30,
         "the CRD",
@@ -355,7 +357,9 @@ def test_certificate_renewal_reaches_the_agent_without_a_restart(stack: Stack) -
     obj = tunnel_agent("home-nas", web=port)
     obj["spec"]["certificateLifetime"] = "30s"
     apply(cp, obj)
-    _wait(lambda: stack.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen")
+    wait_for(
+        lambda: stack.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen"
+    )
     settings, first = stack.agent_files("home-nas")
 
     async def run() -> None:
@@ -369,7 +373,7 @@ def test_certificate_renewal_reaches_the_agent_without_a_restart(stack: Stack) -
                     return base64.b64decode(secret["data"]["tls.crt"]) != first["tls.crt"]
 
                 await anyio.to_thread.run_sync(
-                    lambda: _wait(renewed, 40, "the certificate to be renewed")
+                    lambda: wait_for(renewed, 40, "the certificate to be renewed")
                 )
                 stack.agent_files("home-nas")  # what kubelet does for a mounted Secret
                 await wait_until(lambda: agent.connects >= 2, 10)
