@@ -138,7 +138,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"Try: curl {url}    (Ctrl-C to stop)", flush=True)
 
     async def main() -> None:
-        await run_demo(args.public_port, args.agent_port, ready)
+        try:
+            await run_demo(args.public_port, args.agent_port, ready)
+        except* PortConflictError as group:
+            hint = "pick another with --public-port (0 = any free port)"
+            raise UsageError(f"{group.exceptions[0]}; {hint}") from None
 
     return _run(_until_signal, main)
 

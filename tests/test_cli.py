@@ -400,3 +400,13 @@ def test_port_in_use_is_a_clear_error(pki: Pki, tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _no_uvloop_surprises() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def test_demo_on_a_busy_port_says_how_to_pick_another() -> None:
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        result = run("demo", "--public-port", str(held.getsockname()[1]))
+    assert_one_line_error(result, "pick another with --public-port (0 = any free port)")

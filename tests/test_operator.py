@@ -380,3 +380,29 @@ def test_certificate_renewal_reaches_the_agent_without_a_restart(stack: Stack) -
                 assert await exchange(port, b"new cert") == b"new cert"
 
     anyio.run(run)
+
+
+def test_service_ports_overwritten_by_someone_else_are_restored(stack: Stack) -> None:
+    """E.g. `helm upgrade` rewrites the Service's port list: the status timer puts ports back."""
+    cp = stack.cp
+    port = free_port()
+    apply(cp, tunnel_agent("home-nas", web=port))
+    wait_for(
+        lambda: stack.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen"
+    )
+
+    def service_ports() -> set[int]:
+        return {
+            p["port"]
+            for p in kubectl_json(cp, "get", "service", "atlax-relay", "-n", NS)["spec"]["ports"]
+        }
+
+    wait_for(lambda: port in service_ports(), 30, "the port on the Service")
+    patch = {
+        "spec": {
+            "ports": [{"name": "7443-7443", "port": 7443, "targetPort": 7443, "protocol": "TCP"}]
+        }
+    }
+    cp.kubectl("patch", "service", "atlax-relay", "-n", NS, "--type=merge", "-p", json.dumps(patch))
+    assert port not in service_ports()
+    wait_for(lambda: port in service_ports(), 30, "the operator to restore the port")

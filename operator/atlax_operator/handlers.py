@@ -210,6 +210,10 @@ class Reconciler:
                 status = {**status, **dict(patch.status)}
                 listing = await self.state.client.agents()
                 live = next((a for a in listing.get("agents", []) if a["name"] == name), None)
+            else:
+                # The Service's ports can be reset behind our back (`helm upgrade` rewrites the
+                # port list): put this agent's back. No write when nothing changed.
+                await self._repair_service_ports(name, body)
         connected = bool(live and live.get("connected"))
         conditions = list(status.get("conditions", []))
         if relay_error is not None:
@@ -248,6 +252,16 @@ class Reconciler:
             for key, value in updates.items():
                 patch.status[key] = value
             patch.status["conditions"] = new
+
+    async def _repair_service_ports(self, name: str, body: kopf.Body) -> None:
+        cfg = self.config
+        ports = {s["port"] for s in body.get("spec", {}).get("services", [])}
+        try:
+            await kube.sync_service_ports(
+                cfg.namespace, cfg.service_name, f"{cfg.namespace}/{name}", ports
+            )
+        except kube.PortTakenError as exc:
+            log.warning("TunnelAgent %r: %s", name, exc)
 
     async def _renewal_due(self, name: str) -> bool:
         data = await kube.read_secret(self.config.namespace, pki.agent_secret_name(name))
