@@ -6,7 +6,10 @@ import argparse
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .handlers import OperatorConfig
 
 log = logging.getLogger("atlax.operator")
 
@@ -67,7 +70,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import kopf
+        import kopf  # noqa: F401
 
         from . import kube
         from .handlers import OperatorConfig, build_registry
@@ -75,30 +78,57 @@ def run(args: argparse.Namespace) -> int:
         raise OperatorError(
             f"the operator needs the 'operator' extra (pip install 'atlax[operator]'): {exc}"
         ) from None
-    from kubernetes.config import ConfigException
-
+    if args.status_interval <= 0:
+        raise OperatorError(f"--status-interval must be positive, not {args.status_interval:g}")
+    host, sep, port = args.relay_address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OperatorError(f"--relay-address must be HOST:PORT, not {args.relay_address!r}")
     try:
         kube.load_config()
-    except ConfigException as exc:
-        raise OperatorError(
-            f"no Kubernetes configuration: set KUBECONFIG or run in a pod ({exc})"
-        ) from None
-    host = args.relay_address.rsplit(":", 1)[0]
+    except kube.KubernetesAccessError as exc:
+        raise OperatorError(str(exc)) from None
     config = OperatorConfig(
         namespace=args.namespace,
         control_socket=args.control_socket,
         service_name=args.service_name,
         relay_address=args.relay_address,
-        relay_sans=tuple(args.relay_san or [host]),
+        relay_sans=tuple(args.relay_san or [host.strip("[]")]),
         relay_tls_dir=args.relay_tls_dir,
         status_interval=args.status_interval,
         public_address=args.public_address,
     )
-    registry, _ = build_registry(config)
     logging.getLogger("kopf").setLevel(logging.WARNING)
-    asyncio.run(
-        kopf.operator(
-            registry=registry, standalone=True, namespaces=[args.namespace], clusterwide=False
-        )
-    )
+    asyncio.run(_serve(config, build_registry))
     return 0
+
+
+async def _serve(config: OperatorConfig, build_registry: Any) -> None:
+    """Check the API and prepare certificates (errors as one line), then run kopf until a signal."""
+    import kopf
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    from . import GROUP, PLURAL, VERSION, kube
+
+    registry, reconciler = build_registry(config)
+    try:
+        await kube.check_access(config.namespace, GROUP, VERSION, PLURAL)
+        await reconciler.startup()
+    except kube.KubernetesAccessError as exc:
+        raise OperatorError(str(exc)) from None
+    except (ApiException, urllib3.exceptions.HTTPError) as exc:
+        raise OperatorError(
+            f"cannot prepare the CA and relay certificate in namespace {config.namespace!r}: "
+            f"{kube.describe(exc)}"
+        ) from None
+    async with asyncio.TaskGroup() as tg:
+        keeper = tg.create_task(reconciler.keep_relay_certificate())
+        try:
+            await kopf.operator(
+                registry=registry,
+                standalone=True,
+                namespaces=[config.namespace],
+                clusterwide=False,
+            )
+        finally:
+            keeper.cancel()

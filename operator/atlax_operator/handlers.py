@@ -1,14 +1,20 @@
 """kopf handlers: one per concern, idempotent, state in the TunnelAgent's status.
 
 - create/resume/update: certificate Secret, desired state at the relay, ports on the Service.
-- timer: live state from the relay into status; re-push after a relay restart; retry conflicts;
-  renew certificates two thirds into their lifetime.
+- timer: live state from the relay into status; re-push after a relay restart or drift; retry
+  conflicts; renew certificates two thirds into their lifetime.
 - delete: revoke at the relay, remove the ports, delete the Secret.
+
+Port ownership: the relay serializes claims while it runs, but forgets everything when it
+restarts; the Service's `atlax.dev/ports` annotation survives, so it is checked before every push.
+Handlers and the timer of one TunnelAgent take the same lock, so they never push concurrently.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +22,7 @@ from typing import Any
 
 import kopf
 from cryptography import x509
+from kubernetes.client.exceptions import ApiException
 
 from atlax import certs
 from atlax.control import ControlClient, ControlSocketError
@@ -24,6 +31,9 @@ from . import GROUP, KIND, PLURAL, VERSION, kube, pki
 from .conditions import condition_true, same_conditions, set_condition
 
 log = logging.getLogger("atlax.operator")
+
+RELAY_CERT_CHECK_INTERVAL = 3600.0
+RETRYING = "its ports are not open yet (retrying)"
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,6 @@ class OperatorConfig:
 class OperatorState:
     config: OperatorConfig
     ca: certs.CertKeyPair | None = None
-    relay_id: str | None = None
     client: ControlClient = field(init=False)
 
     def __post_init__(self) -> None:
@@ -82,10 +91,25 @@ def _iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _relay_ports(live: dict[str, Any]) -> set[tuple[str, int]]:
+    return {(s["name"], int(s["port"])) for s in live.get("services", [])}
+
+
+def _spec_ports(spec: dict[str, Any]) -> set[tuple[str, int]]:
+    return {(s["name"], int(s["port"])) for s in spec.get("services", [])}
+
+
+def _condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any]:
+    return next((c for c in conditions if c.get("type") == type_), {})
+
+
 class Reconciler:
     def __init__(self, state: OperatorState) -> None:
         self.state = state
         self.config = state.config
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # relayId of the relay process each agent was last pushed to: a new id is a restart.
+        self._pushed_to: dict[str, str] = {}
 
     async def startup(self) -> None:
         cfg = self.config
@@ -94,7 +118,26 @@ class Reconciler:
             cfg.namespace, self.state.ca, cfg.relay_sans, cfg.relay_tls_dir
         )
 
+    async def keep_relay_certificate(self, interval: float = RELAY_CERT_CHECK_INTERVAL) -> None:
+        """Re-issue the relay's certificate two thirds into its lifetime (the relay reloads it)."""
+        cfg = self.config
+        while True:
+            await asyncio.sleep(interval)
+            assert self.state.ca is not None
+            try:
+                await pki.ensure_relay_certificate(
+                    cfg.namespace, self.state.ca, cfg.relay_sans, cfg.relay_tls_dir
+                )
+            except (ApiException, OSError, certs.CertificateError) as exc:
+                log.warning("cannot renew the relay certificate yet: %s", kube.describe(exc))
+
+    # -- create / resume / update ------------------------------------------------------------
+
     async def reconcile(self, body: kopf.Body, patch: kopf.Patch) -> None:
+        async with self._locks[body["metadata"]["name"]]:
+            await self._reconcile(body, patch)
+
+    async def _reconcile(self, body: kopf.Body, patch: kopf.Patch) -> None:
         """Bring one TunnelAgent to its desired state and write what happened into status."""
         cfg, ca = self.config, self.state.ca
         assert ca is not None
@@ -105,9 +148,13 @@ class Reconciler:
             lifetime = certs.parse_lifetime(spec.get("certificateLifetime", "90d"))
         except certs.CertificateError as exc:
             raise kopf.PermanentError(str(exc)) from None
-        cert, reissued = await pki.ensure_agent_secret(
-            cfg.namespace, name, ca, lifetime, cfg.relay_address, _owner(body)
-        )
+        try:
+            cert, reissued = await pki.ensure_agent_secret(
+                cfg.namespace, name, ca, lifetime, cfg.relay_address, _owner(body)
+            )
+            ports_ok, reason, message, lb = await self._open_ports(name, spec)
+        except ApiException as exc:
+            raise kopf.TemporaryError(kube.describe(exc), delay=10) from None
         secret = pki.agent_secret_name(name)
         if reissued:
             kopf.info(
@@ -119,26 +166,13 @@ class Reconciler:
         conditions = set_condition(
             conditions, "CertificateIssued", True, "Issued", f"Secret {secret}", generation
         )
-
-        ports_ok, reason, message = await self._push(name, spec)
-        address = cfg.public_address
-        if ports_ok:
-            try:
-                lb = await kube.sync_service_ports(
-                    cfg.namespace,
-                    cfg.service_name,
-                    f"{cfg.namespace}/{name}",
-                    {s["port"] for s in spec.get("services", [])},
-                )
-                address = lb or address
-            except kube.PortTakenError as exc:
-                ports_ok, reason, message = False, "PortConflict", str(exc)
-        was_ok = condition_true(conditions, "PortsOpen")
+        before = _condition(conditions, "PortsOpen")
         conditions = set_condition(conditions, "PortsOpen", ports_ok, reason, message, generation)
-        if ports_ok and not was_ok:
-            kopf.info(body, reason="PortsOpen", message=message)
-        elif not ports_ok:
-            kopf.warn(body, reason=reason, message=message)
+        if (before.get("status"), before.get("message")) != (
+            "True" if ports_ok else "False",
+            message,
+        ):  # events on transitions only: the timer retries conflicts every few seconds
+            (kopf.info if ports_ok else kopf.warn)(body, reason=reason, message=message)
         connected = bool(body.get("status", {}).get("connected", False))
         conditions = self._ready(conditions, connected, generation)
         patch.status["conditions"] = conditions
@@ -146,24 +180,72 @@ class Reconciler:
         patch.status["ports"] = _ports_text(spec)
         patch.status["secretName"] = secret
         patch.status["certificateNotAfter"] = _iso(cert.not_valid_after_utc)
-        patch.status["publicAddress"] = address or cfg.relay_address.rsplit(":", 1)[0]
+        patch.status["publicAddress"] = (
+            lb or cfg.public_address or cfg.relay_address.rsplit(":", 1)[0]
+        )
         if not ports_ok and reason == "RelayUnavailable":
             raise kopf.TemporaryError(message, delay=5)
+
+    async def _open_ports(
+        self, name: str, spec: dict[str, Any]
+    ) -> tuple[bool, str, str, str | None]:
+        """Service ownership first (it survives relay restarts), then the relay, then the Service's
+        port list. Returns (ok, reason, message, load-balancer address)."""
+        cfg = self.config
+        owner = f"{cfg.namespace}/{name}"
+        ports = {int(s["port"]) for s in spec.get("services", [])}
+        try:
+            await kube.check_service_ports(cfg.namespace, cfg.service_name, owner, ports)
+            ok, reason, message = await self._push(name, spec)
+            if not ok:
+                return ok, reason, message, None
+            lb = await kube.sync_service_ports(cfg.namespace, cfg.service_name, owner, ports)
+        except kube.PortTakenError as exc:
+            await self._release_foreign_ports(name, owner)
+            return False, "PortConflict", str(exc), None
+        except kube.ServiceNotFoundError as exc:
+            return False, "ServiceNotFound", str(exc), None
+        return True, reason, message, lb
 
     async def _push(self, name: str, spec: dict[str, Any]) -> tuple[bool, str, str]:
         extra = {"max_streams": spec["maxStreams"]} if spec.get("maxStreams") else {}
         try:
+            # relayId before the PUT: if the relay restarts in between, the next tick sees a new id.
+            relay_id = str((await self.state.client.health()).get("relayId"))
             status, reply = await self.state.client.put_agent(name, _relay_services(spec), **extra)
-            health = await self.state.client.health()
         except ControlSocketError as exc:
             return False, "RelayUnavailable", str(exc)
-        self.state.relay_id = str(health.get("relayId"))
         error = reply.get("error", "") if isinstance(reply, dict) else str(reply)
         if status == 200:
+            self._pushed_to[name] = relay_id
             return True, "Open", f"ports {_ports_text(spec)} open on the relay"
         if status == 409:
             return False, "PortConflict", error
         return False, "Rejected", f"the relay rejected the spec: {error}"
+
+    async def _release_foreign_ports(self, name: str, owner: str) -> None:
+        """If the relay lets this agent hold a port the Service gives to another TunnelAgent (it
+        asked first after a relay restart), take the agent off the relay until that is settled."""
+        cfg = self.config
+        try:
+            status, live = await self.state.client.call("GET", f"/agents/{name}")
+            if status != 200 or not isinstance(live, dict):
+                return
+            holders = await kube.port_holders(cfg.namespace, cfg.service_name)
+            foreign = sorted(
+                port for _, port in _relay_ports(live) if holders.get(port, owner) != owner
+            )
+            if foreign:
+                log.warning(
+                    "TunnelAgent %r holds port(s) %s at the relay that belong to others: "
+                    "removing it from the relay until the conflict is resolved",
+                    name,
+                    foreign,
+                )
+                await self.state.client.delete_agent(name)
+                self._pushed_to.pop(name, None)
+        except (ControlSocketError, kube.ServiceNotFoundError):
+            return
 
     @staticmethod
     def _ready(
@@ -185,9 +267,19 @@ class Reconciler:
             )
         return set_condition(conditions, "Ready", ready, reason, message, generation)
 
+    # -- timer -------------------------------------------------------------------------------
+
     async def observe(self, body: kopf.Body, patch: kopf.Patch) -> None:
-        """Timer: copy live state from the relay into status; repair what drifted."""
+        async with self._locks[body["metadata"]["name"]]:
+            try:
+                await self._observe(body, patch)
+            except ApiException as exc:
+                raise kopf.TemporaryError(kube.describe(exc), delay=10) from None
+
+    async def _observe(self, body: kopf.Body, patch: kopf.Patch) -> None:
+        """Copy live state from the relay into status; repair what drifted."""
         name = body["metadata"]["name"]
+        spec = dict(body.get("spec", {}))
         status = dict(body.get("status", {}))
         generation = body["metadata"].get("generation")
         try:
@@ -198,22 +290,20 @@ class Reconciler:
         else:
             relay_error = None
             live = next((a for a in listing.get("agents", []) if a["name"] == name), None)
-            restarted = (
-                self.state.relay_id is not None and listing.get("relayId") != self.state.relay_id
-            )
-            if restarted:
-                log.info("relay restarted (new relayId); re-pushing TunnelAgents")
-            due = await self._renewal_due(name)
-            if live is None or not condition_true(status.get("conditions", []), "PortsOpen") or due:
-                # The relay came back empty, a conflicting holder may be gone, or renewal is due.
-                await self.reconcile(body, patch)
+            why = self._push_needed(name, spec, status, live, str(listing.get("relayId")))
+            if why is None and await self._renewal_due(name):
+                why = "its certificate is due for renewal"
+            if why is not None:
+                level = logging.DEBUG if why == RETRYING else logging.INFO
+                log.log(level, "TunnelAgent %r: reconciling because %s", name, why)
+                await self._reconcile(body, patch)
                 status = {**status, **dict(patch.status)}
                 listing = await self.state.client.agents()
                 live = next((a for a in listing.get("agents", []) if a["name"] == name), None)
             else:
                 # The Service's ports can be reset behind our back (`helm upgrade` rewrites the
                 # port list): put this agent's back. No write when nothing changed.
-                await self._repair_service_ports(name, body)
+                await self._repair_service_ports(name, spec)
         connected = bool(live and live.get("connected"))
         conditions = list(status.get("conditions", []))
         if relay_error is not None:
@@ -253,14 +343,33 @@ class Reconciler:
                 patch.status[key] = value
             patch.status["conditions"] = new
 
-    async def _repair_service_ports(self, name: str, body: kopf.Body) -> None:
+    def _push_needed(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        status: dict[str, Any],
+        live: dict[str, Any] | None,
+        relay_id: str,
+    ) -> str | None:
+        """Why the desired state must be pushed again, or None."""
+        if not condition_true(status.get("conditions", []), "PortsOpen"):
+            return RETRYING
+        if live is None:
+            return "the relay does not know it (restarted?)"
+        if self._pushed_to.get(name) != relay_id:
+            return "the relay restarted"
+        if _relay_ports(live) != _spec_ports(spec):
+            return "the relay's ports differ from the spec"
+        return None
+
+    async def _repair_service_ports(self, name: str, spec: dict[str, Any]) -> None:
         cfg = self.config
-        ports = {s["port"] for s in body.get("spec", {}).get("services", [])}
+        ports = {int(s["port"]) for s in spec.get("services", [])}
         try:
             await kube.sync_service_ports(
                 cfg.namespace, cfg.service_name, f"{cfg.namespace}/{name}", ports
             )
-        except kube.PortTakenError as exc:
+        except (kube.PortTakenError, kube.ServiceNotFoundError) as exc:
             log.warning("TunnelAgent %r: %s", name, exc)
 
     async def _renewal_due(self, name: str) -> bool:
@@ -268,12 +377,18 @@ class Reconciler:
         if data is None or "tls.crt" not in data:
             return True
         cert = x509.load_pem_x509_certificate(data["tls.crt"])
-        if certs.needs_renewal(cert, datetime.now(UTC)):
-            log.info("renewing the certificate of %r", name)
-            return True
-        return False
+        return certs.needs_renewal(cert, datetime.now(UTC))
+
+    # -- delete ------------------------------------------------------------------------------
 
     async def delete(self, body: kopf.Body, retry: int) -> None:
+        name = body["metadata"]["name"]
+        async with self._locks[name]:
+            await self._delete(body, retry)
+        self._locks.pop(name, None)
+        self._pushed_to.pop(name, None)
+
+    async def _delete(self, body: kopf.Body, retry: int) -> None:
         cfg = self.config
         name = body["metadata"]["name"]
         try:
@@ -287,10 +402,14 @@ class Reconciler:
                 "relay unreachable while deleting %r; a restarted relay will not know it anyway",
                 name,
             )
-        await kube.remove_service_ports(cfg.namespace, cfg.service_name, f"{cfg.namespace}/{name}")
-        await kube.delete_secret(
-            cfg.namespace, pki.agent_secret_name(name)
-        )  # no GC in every cluster
+        try:
+            await kube.remove_service_ports(
+                cfg.namespace, cfg.service_name, f"{cfg.namespace}/{name}"
+            )
+            # Explicitly: not every cluster (e.g. a bare API server) garbage-collects owned objects.
+            await kube.delete_secret(cfg.namespace, pki.agent_secret_name(name))
+        except ApiException as exc:
+            raise kopf.TemporaryError(kube.describe(exc), delay=5) from None
         kopf.info(body, reason="Revoked", message=f"{name!r} revoked at the relay, ports closed")
 
 
@@ -314,7 +433,8 @@ def build_registry(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Recon
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="atlax.dev")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="atlax.dev")
         settings.watching.server_timeout = 60
-        await reconciler.startup()
+        if reconciler.state.ca is None:  # `atlax operator` prepares certificates before kopf
+            await reconciler.startup()
 
     @kopf.on.resume(*resource, registry=registry)
     @kopf.on.create(*resource, registry=registry)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio.to_thread
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -20,12 +22,77 @@ PORTS_ANNOTATION = "atlax.dev/ports"
 T = TypeVar("T")
 
 
+class KubernetesAccessError(Exception):
+    """The API server is unreachable or refuses us: one line for the user."""
+
+
 def load_config() -> None:
-    """KUBECONFIG (or ~/.kube/config) when present, else the in-cluster ServiceAccount."""
+    """$KUBECONFIG when set, else the in-cluster ServiceAccount, else ~/.kube/config."""
+    path = os.environ.get("KUBECONFIG")
     try:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        if path:
+            config.load_kube_config()  # type: ignore[no-untyped-call]
+        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        else:
+            config.load_kube_config()  # type: ignore[no-untyped-call]
+    except (config.ConfigException, OSError) as exc:
+        where = f"KUBECONFIG={path}" if path else "~/.kube/config (and not in a pod)"
+        raise KubernetesAccessError(
+            f"cannot load the Kubernetes configuration {where}: {exc}"
+        ) from None
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an API failure, naming what to fix where we can tell."""
+    if isinstance(exc, ApiException):
+        reason = _api_message(exc)
+        if exc.status == 401:
+            return f"the API server rejected our credentials (401): {reason}"
+        if exc.status == 403:
+            return f"forbidden (403), check the operator's RBAC Role: {reason}"
+        return f"{exc.status} {exc.reason}: {reason}"
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except ValueError:
+        return str(exc.reason)
+
+
+async def check_access(namespace: str, group: str, version: str, plural: str) -> None:
+    """Before kopf starts: the API answers, the CRD is served, we may list TunnelAgents."""
+    configuration = client.Configuration.get_default_copy()
+    configuration.retries = 0  # answer now, without urllib3 retry warnings
+    host = configuration.host
+    api = client.CustomObjectsApi(client.ApiClient(configuration))
+    try:
+        await call(
+            api.list_namespaced_custom_object,
+            group,
+            version,
+            namespace,
+            plural,
+            limit=1,
+            _request_timeout=(5, 15),
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            raise KubernetesAccessError(
+                f"{plural}.{group}/{version} is not served by {host}: "
+                "install the CRD first (kubectl apply -f manifests/crd.yaml)"
+            ) from None
+        raise KubernetesAccessError(
+            f"cannot list {plural}.{group} in namespace {namespace!r} at {host}: {describe(exc)}"
+        ) from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise KubernetesAccessError(
+            f"cannot reach the Kubernetes API at {host}: {describe(exc)}"
+        ) from None
 
 
 async def call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -125,6 +192,64 @@ class PortTakenError(Exception):
         self.owner = owner
 
 
+class ServiceNotFoundError(Exception):
+    def __init__(self, namespace: str, service: str) -> None:
+        super().__init__(
+            f"Service {namespace}/{service} does not exist: the relay's ports cannot be published "
+            "(create it, or pass --service-name)"
+        )
+
+
+async def _read_service(namespace: str, service: str) -> Any:
+    try:
+        return await call(core().read_namespaced_service, service, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise ServiceNotFoundError(namespace, service) from None
+        raise
+
+
+def _owned(svc: Any) -> dict[str, str]:
+    annotations = svc.metadata.annotations or {}
+    try:
+        owned = json.loads(annotations.get(PORTS_ANNOTATION, "{}"))
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in owned.items()} if isinstance(owned, dict) else {}
+
+
+def _conflict(svc: Any, owner: str, ports: set[int]) -> PortTakenError | None:
+    owned = _owned(svc)
+    for port in sorted(ports):
+        holder = owned.get(str(port))
+        if holder is not None and holder != owner:
+            return PortTakenError(port, holder)
+    unmanaged = {p.port for p in svc.spec.ports or [] if str(p.port) not in owned}
+    for port in sorted(ports & unmanaged):
+        return PortTakenError(port, f"(the Service's own port {port})")
+    return None
+
+
+async def port_holders(namespace: str, service: str) -> dict[int, str]:
+    """Who holds which port on the Service: the annotation's owners and "" for its own ports.
+
+    The annotation outlives the relay process, so it decides ownership after a relay restart
+    (when the relay itself remembers nothing and would hand a port to whoever asks first).
+    """
+    svc = await _read_service(namespace, service)
+    owned = _owned(svc)
+    holders = {p.port: "" for p in svc.spec.ports or [] if str(p.port) not in owned}
+    holders.update({int(p): o for p, o in owned.items()})
+    return holders
+
+
+async def check_service_ports(namespace: str, service: str, owner: str, ports: set[int]) -> None:
+    """Raise PortTakenError if another owner (or the Service itself) holds one of `ports`."""
+    error = _conflict(await _read_service(namespace, service), owner, ports)
+    if error is not None:
+        raise error
+
+
 async def sync_service_ports(
     namespace: str, service: str, owner: str, ports: set[int]
 ) -> str | None:
@@ -133,17 +258,12 @@ async def sync_service_ports(
     Optimistic concurrency: read, modify, replace with the read resourceVersion; retry on 409.
     """
     for _ in range(10):
-        svc: Any = await call(core().read_namespaced_service, service, namespace)
+        svc = await _read_service(namespace, service)
         annotations = dict(svc.metadata.annotations or {})
-        owned: dict[str, str] = json.loads(annotations.get(PORTS_ANNOTATION, "{}"))
-        for port in ports:
-            holder = owned.get(str(port))
-            if holder is not None and holder != owner:
-                raise PortTakenError(port, holder)
-        unmanaged = {p.port for p in svc.spec.ports or [] if str(p.port) not in owned}
-        for port in ports:
-            if port in unmanaged:
-                raise PortTakenError(port, f"(the Service's own port {port})")
+        owned = _owned(svc)
+        error = _conflict(svc, owner, ports)
+        if error is not None:
+            raise error
         mine_before = {int(p) for p, o in owned.items() if o == owner}
         wanted_owned = {p: o for p, o in owned.items() if o != owner}
         wanted_owned.update({str(p): owner for p in ports})
@@ -177,13 +297,11 @@ async def sync_service_ports(
 async def remove_service_ports(namespace: str, service: str, owner: str) -> None:
     for _ in range(10):
         try:
-            svc: Any = await call(core().read_namespaced_service, service, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return
-            raise
+            svc = await _read_service(namespace, service)
+        except ServiceNotFoundError:
+            return
         annotations = dict(svc.metadata.annotations or {})
-        owned: dict[str, str] = json.loads(annotations.get(PORTS_ANNOTATION, "{}"))
+        owned = _owned(svc)
         mine = {int(p) for p, o in owned.items() if o == owner}
         if not mine:
             return
@@ -192,9 +310,7 @@ async def remove_service_ports(namespace: str, service: str, owner: str) -> None
         )
         svc.metadata.annotations = annotations
         remaining = [p for p in svc.spec.ports or [] if p.port not in mine]
-        if (
-            not remaining
-        ):  # a Service needs at least one port; the chart's agent port is always there
+        if not remaining:  # a Service needs a port; the chart's agent port is always there
             return
         svc.spec.ports = remaining
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,7 +41,9 @@ async def load_or_create_ca(namespace: str) -> certs.CertKeyPair:
         if created:
             log.info("created the Atlax CA in Secret %s/%s", namespace, CA_SECRET)
             return ca
-    raise RuntimeError(f"cannot read or create Secret {namespace}/{CA_SECRET}")
+    raise kube.KubernetesAccessError(
+        f"cannot read or create Secret {namespace}/{CA_SECRET}: it keeps appearing and vanishing"
+    )
 
 
 def _pair(data: dict[str, bytes]) -> certs.CertKeyPair:
@@ -106,8 +109,17 @@ async def ensure_relay_certificate(
     if directory is not None:
         current = directory / "relay.crt"
         if not current.exists() or current.read_bytes() != pair.cert_pem():
+            # ca.crt first: the relay starts (or reloads) once relay.crt and relay.key are there.
+            _write_atomically(directory / "ca.crt", ca.cert_pem())
             certs.write_pair(pair, directory, "relay")
-            (directory / "ca.crt").write_bytes(ca.cert_pem())
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
 
 
 async def ensure_agent_secret(
