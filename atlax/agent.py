@@ -7,6 +7,7 @@ connection attempt, and a change on disk makes the agent reconnect with the new 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import socket
@@ -17,7 +18,6 @@ from ipaddress import IPv4Address, IPv6Address
 import anyio
 import anyio.abc
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
-from anyio.streams.tls import TLSAttribute
 from proxyprotocol.result import (
     ProxyResult,
     ProxyResultIPv4,
@@ -29,7 +29,6 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from .config import AgentSettings, HostPort
 from .mux import MuxSession, MuxStream
-from .pipe import pipe
 from .protocol import ALPN, ErrorCode, KeepaliveConfig, Origin, Role, Settings, error_name
 from .tls import TLSConfigError, agent_context, file_fingerprint
 
@@ -92,32 +91,34 @@ class Agent:
             raise TunnelDownError(str(exc)) from None
         fingerprint = file_fingerprint(s.cert, s.key, s.ca)
         server_name = s.server_name or s.relay.host
-        try:
-            with anyio.fail_after(s.connect_timeout):
-                tls = await anyio.connect_tcp(
-                    s.relay.host,
-                    s.relay.port,
-                    ssl_context=context,
-                    tls_hostname=server_name,
-                    tls_standard_compatible=False,
-                )
-        except TimeoutError:
-            raise TunnelDownError(f"connecting timed out after {s.connect_timeout:g}s") from None
-        except ssl.SSLCertVerificationError as exc:
-            raise TunnelDownError(f"relay certificate rejected: {exc.verify_message}") from None
-        except (OSError, ssl.SSLError, BrokenResourceError, EndOfStream) as exc:
-            raise TunnelDownError(_describe(exc)) from None
-        if tls.extra(TLSAttribute.alpn_protocol) != ALPN:
-            await tls.aclose()
-            raise TunnelDownError(f"relay did not negotiate ALPN {ALPN}")
         session = MuxSession(
-            tls,
             Role.CLIENT,
             settings=TUNNEL_SETTINGS,
             keepalive=KeepaliveConfig(s.keepalive_interval, s.keepalive_timeout),
             handler=self._serve_stream,
             name="tunnel",
         )
+        loop = asyncio.get_running_loop()
+        try:
+            with anyio.fail_after(s.connect_timeout):
+                transport, _ = await loop.create_connection(
+                    lambda: session,
+                    s.relay.host,
+                    s.relay.port,
+                    ssl=context,
+                    server_hostname=server_name,
+                    ssl_handshake_timeout=s.connect_timeout + 1,
+                )
+        except TimeoutError:
+            raise TunnelDownError(f"connecting timed out after {s.connect_timeout:g}s") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise TunnelDownError(f"relay certificate rejected: {exc.verify_message}") from None
+        except (OSError, ssl.SSLError, BrokenResourceError, EndOfStream, EOFError) as exc:
+            raise TunnelDownError(_describe(exc)) from None
+        tls = transport.get_extra_info("ssl_object")
+        if tls is None or tls.selected_alpn_protocol() != ALPN:
+            transport.abort()
+            raise TunnelDownError(f"relay did not negotiate ALPN {ALPN}")
         started = anyio.current_time()
         async with anyio.create_task_group() as tg:
 
@@ -169,21 +170,18 @@ class Agent:
             log.warning("relay asked for unknown service %r; refusing", stream.service)
             stream.reset(ErrorCode.UNKNOWN_SERVICE)
             return
+        if stream.proxy_protocol == 2:
+            stream.preamble = proxy_v2_header(stream.origin)
+        loop = asyncio.get_running_loop()
         try:
             with anyio.fail_after(self.settings.connect_timeout):
-                local = await anyio.connect_tcp(target.host, target.port)
+                # The stream becomes the socket's protocol: bytes then move in callbacks.
+                await loop.create_connection(lambda: stream, target.host, target.port)
         except (OSError, TimeoutError) as exc:
             log.warning(
                 "service %r at %s: connect failed: %s", stream.service, target, _describe(exc)
             )
             stream.reset(ErrorCode.CONNECT_FAILED)
-            return
-        async with local:
-            if stream.proxy_protocol == 2:
-                await local.send(proxy_v2_header(stream.origin))
-            ok = await pipe(stream, local)
-            if not ok:
-                stream.reset(ErrorCode.CANCEL)
 
 
 def proxy_v2_header(origin: Origin | None) -> bytes:

@@ -1,19 +1,33 @@
-"""The anyio shell around the protocol core: one tunnel, many `MuxStream`s.
+"""The I/O shell around the protocol core: one tunnel, many `MuxStream`s.
 
-One task reads the transport and feeds the core, one task writes whatever the core queued (so
-frames from all streams are batched into large writes), and one task drives the keepalive timer.
-Streams only ever touch the core through this session, and the reader never waits on an
-application: each stream's buffer is bounded by the window it granted, so a stream that nobody
-reads stops only itself.
+The tunnel is an asyncio protocol (`MuxSession`): every read is fed to the core inside the
+transport's callback and whatever the core queued is written before the callback returns. No task
+sits between the socket and the core, so a hop costs one callback, not two task switches.
+
+A `MuxStream` has two faces:
+
+* an anyio `ByteStream` (`receive`/`send`/`send_eof`/`aclose`), for code that wants to talk
+  through a stream itself;
+* an asyncio protocol, for the common case of joining the stream to a TCP socket: pass the
+  stream as the protocol of `loop.create_connection` or `loop.connect_accepted_socket` and from
+  then on bytes move between the socket and the tunnel inside callbacks, with no task at all.
+  This is how the relay and the agent use it; an idle stream costs a few objects, not tasks.
+
+Flow control is the core's: a stream's bytes waiting on the socket are bounded by the credit it
+granted, because credit goes back to the peer only for bytes the socket has taken. A socket that
+reads faster than the tunnel can take pauses itself, never its neighbours.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.abc
@@ -44,16 +58,16 @@ from .protocol import (
 
 log = logging.getLogger("atlax.mux")
 
-READ_SIZE = 256 * 1024
-
 # The protocol's clock. anyio.current_time() looks up the running async library on every call,
 # which cost 14% of the agent's CPU when called per read; deadlines here are only ever turned
 # into relative sleeps, so any monotonic clock will do.
 _now = time.monotonic
-# Stream senders wait once the bytes queued for the transport exceed this: memory stays bounded.
-WRITE_HIGH_WATER = 1024 * 1024
+# The tunnel transport asks its writers to pause above this many queued bytes.
+TUNNEL_HIGH_WATER = 4 * 1024 * 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 StreamHandler = Callable[["MuxStream"], Awaitable[None]]
+Counter = Callable[[int], None]
 
 
 class StreamResetError(BrokenResourceError):
@@ -70,8 +84,23 @@ class TunnelClosedError(BrokenResourceError):
     """The tunnel under the stream ended."""
 
 
-class MuxStream(anyio.abc.ByteStream):
-    """One multiplexed TCP connection, usable wherever an anyio byte stream is."""
+def abort_transport(transport: asyncio.Transport) -> None:
+    """Close at once with a TCP RST, so the peer sees a failure instead of a clean EOF."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except (OSError, ValueError):  # already closed (uvloop raises ValueError for fd -1)
+            pass
+    transport.abort()
+
+
+def _ignore(_: int) -> None:
+    pass
+
+
+class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):
+    """One multiplexed TCP connection: an anyio byte stream, or the protocol of a socket."""
 
     def __init__(
         self,
@@ -86,21 +115,42 @@ class MuxStream(anyio.abc.ByteStream):
         self.service = service
         self.origin = origin
         self.proxy_protocol = proxy_protocol
-        self._chunks: deque[bytes] = deque()
+        self.bytes_received = 0  # from the tunnel
+        self.bytes_sent = 0  # into the tunnel
+        # Spliced mode: set before the socket connects.
+        self.preamble = b""  # written to the socket before anything from the tunnel
+        self.count_received: Counter = _ignore
+        self.count_sent: Counter = _ignore
+        self.on_close: Callable[[bool], None] | None = None  # spliced stream ended (ok?)
+        self._chunks: deque[bytes] = deque()  # received, not yet read or written to the socket
         self._buffered = 0
         self._remote_eof = False
         self._local_eof = False
         self._closed = False
         self._error: BrokenResourceError | None = None
-        self._readable = anyio.Event()
-        self._writable = anyio.Event()
-        self.bytes_received = 0
-        self.bytes_sent = 0
+        self._readable: anyio.Event | None = None
+        self._writable: anyio.Event | None = None
+        # Spliced mode state.
+        self._transport: asyncio.Transport | None = None
+        self._written = 0  # bytes handed to the socket's transport
+        self._acked = 0  # of those, credited back to the peer
+        self._backlog: memoryview | None = None  # read from the socket, waiting for credit
+        self._eof_pending = False  # the socket's EOF waits behind the backlog
+        self._blocked = False  # reading paused while the tunnel's buffer is full
+        self._finished = False
 
     @property
     def buffered(self) -> int:
-        """Bytes received and not yet read by the application (bounded by the stream window)."""
+        """Bytes received and not yet taken by the application or the socket (<= the window)."""
+        if self._transport is not None:
+            return self._written - self._acked
         return self._buffered
+
+    @property
+    def spliced(self) -> bool:
+        return self._transport is not None
+
+    # -- anyio ByteStream --------------------------------------------------------------------
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         while not self._chunks:
@@ -110,8 +160,8 @@ class MuxStream(anyio.abc.ByteStream):
                 raise self._error
             if self._remote_eof:
                 raise EndOfStream
-            await self._readable.wait()
             self._readable = anyio.Event()
+            await self._readable.wait()
         chunk = self._chunks.popleft()
         if len(chunk) > max_bytes:
             self._chunks.appendleft(chunk[max_bytes:])
@@ -127,8 +177,8 @@ class MuxStream(anyio.abc.ByteStream):
             self._check_sendable()
             window = session.conn.send_window(self.stream_id)
             if window == 0:
-                await self._writable.wait()
                 self._writable = anyio.Event()
+                await self._writable.wait()
                 continue
             n = min(window, len(view))
             try:
@@ -137,7 +187,8 @@ class MuxStream(anyio.abc.ByteStream):
                 raise TunnelClosedError(session.error or f"{session.name} closed") from None
             self.bytes_sent += n
             view = view[n:]
-            await session._queued()
+            session._flush()
+            await session._wait_writable()
 
     async def send_eof(self) -> None:
         if self._local_eof or self._error is not None or self._closed:
@@ -154,6 +205,10 @@ class MuxStream(anyio.abc.ByteStream):
         self._wake()
         await anyio.lowlevel.checkpoint()
 
+    def abort(self) -> None:
+        """End a spliced stream now: RESET(CANCEL) to the peer, RST to the socket if any."""
+        self._finish(ok=False)
+
     def reset(self, error_code: int = ErrorCode.CANCEL) -> None:
         """Abort the stream in both directions with `error_code` (RESET on the wire)."""
         if self._closed:
@@ -161,6 +216,8 @@ class MuxStream(anyio.abc.ByteStream):
         self._closed = True
         self._session._reset(self, error_code)
         self._wake()
+        if self._transport is not None:
+            self._finish(ok=False)
 
     @property
     def extra_attributes(self) -> dict[Any, Callable[[], Any]]:
@@ -174,34 +231,185 @@ class MuxStream(anyio.abc.ByteStream):
         if self._local_eof:
             raise ClosedResourceError("send() after send_eof()")
 
+    def _wake(self) -> None:
+        if self._readable is not None:
+            self._readable.set()
+        if self._writable is not None:
+            self._writable.set()
+
+    # -- asyncio Protocol: the stream joined to a socket -------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        transport = self._transport
+        if self._closed or self._error is not None:
+            self._finish(ok=False)
+            return
+        if self.preamble:
+            transport.write(self.preamble)
+        chunks, self._chunks, self._buffered = self._chunks, deque(), 0
+        for chunk in chunks:  # what arrived while the socket was connecting
+            self._feed(chunk)
+        if self._remote_eof:
+            self._feed_eof()
+        self._session._flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self._finished:
+            return
+        self.count_sent(len(data))
+        if self._backlog is not None:  # cannot happen after pause_reading; be safe anyway
+            data = bytes(self._backlog) + data
+            self._backlog = None
+        self._send_from_socket(memoryview(data))
+        session = self._session
+        session._flush()
+        if session._write_paused and not self._blocked and self._transport is not None:
+            self._blocked = True
+            self._transport.pause_reading()
+            session._blocked.append(self)
+
+    def eof_received(self) -> bool:
+        if self._backlog is not None:
+            self._eof_pending = True
+        else:
+            self._send_fin()
+        return True  # keep the socket open: the tunnel may still have bytes for it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(ok=self._local_eof and self._remote_eof and not self._closed)
+
+    def pause_writing(self) -> None:
+        pass  # credit is returned only for bytes the socket took: see _credit_drained
+
+    def resume_writing(self) -> None:
+        self._credit_drained()
+        self._session._flush()
+
+    def _send_from_socket(self, view: memoryview) -> None:
+        conn = self._session.conn
+        n = min(conn.send_window(self.stream_id), len(view))
+        if n:
+            try:
+                conn.send_data(self.stream_id, view[:n] if n < len(view) else view)
+            except LocalProtocolError:  # reset or the tunnel closed under us
+                self._finish(ok=False)
+                return
+            self.bytes_sent += n
+        if n < len(view):
+            self._backlog = view[n:]
+            if self._transport is not None and not self._blocked:
+                self._transport.pause_reading()
+        else:
+            self._backlog = None
+
+    def _send_fin(self) -> None:
+        self._local_eof = True
+        self._session._end_stream(self.stream_id)
+        self._maybe_done()
+
+    def _credit_drained(self) -> None:
+        """Return credit for what left the socket's buffer (bounded memory per stream)."""
+        transport = self._transport
+        if transport is None or self._finished:
+            return
+        drained = self._written - transport.get_write_buffer_size()
+        if drained > self._acked:
+            self._session.conn.acknowledge_received_data(self.stream_id, drained - self._acked)
+            self._acked = drained
+
+    def _maybe_done(self) -> None:
+        if self._local_eof and self._remote_eof and self._transport is not None:
+            self._transport.close()  # after what is buffered; connection_lost finishes
+            self._session._release(self, abort=False)
+
+    def _finish(self, *, ok: bool) -> None:
+        """The spliced stream is over: release it (RESET unless both sides ended) and close."""
+        if self._finished:
+            return
+        self._finished = True
+        self._backlog = None
+        if not ok:
+            if not self._closed:
+                self._closed = True
+                self._session._release(self, abort=self._error is None)
+            if self._transport is not None:
+                abort_transport(self._transport)
+        if self.on_close is not None:
+            callback, self.on_close = self.on_close, None
+            callback(ok)
+
     # -- called by the session ---------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
-        self.bytes_received += len(data)
-        self._readable.set()
+        n = len(data)
+        self.bytes_received += n
+        transport = self._transport
+        if transport is None:
+            self._chunks.append(data)
+            self._buffered += n
+            if self._readable is not None:
+                self._readable.set()
+            return
+        if self._finished:
+            self._session.conn.acknowledge_received_data(self.stream_id, n)
+            return
+        self.count_received(n)
+        transport.write(data)
+        self._written += n
+        self._credit_drained()
 
     def _feed_eof(self) -> None:
         self._remote_eof = True
-        self._readable.set()
+        transport = self._transport
+        if transport is None:
+            if self._readable is not None:
+                self._readable.set()
+            return
+        if self._finished:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._maybe_done()
+
+    def _on_window(self) -> None:
+        if self._writable is not None:
+            self._writable.set()
+        backlog = self._backlog
+        if backlog is None or self._finished:
+            return
+        self._send_from_socket(backlog)
+        if self._backlog is None:
+            if self._eof_pending:
+                self._send_fin()
+            elif not self._blocked and self._transport is not None:
+                self._transport.resume_reading()
+
+    def _unblock(self) -> None:
+        self._blocked = False
+        if self._backlog is None and not self._finished and self._transport is not None:
+            self._transport.resume_reading()
 
     def _fail(self, error: BrokenResourceError) -> None:
         if self._error is None:
             self._error = error
         self._wake()
+        if self._transport is not None and not self._finished:
+            self._closed = True  # the tunnel side is gone already: nothing to release
+            self._finish(ok=False)
 
-    def _wake(self) -> None:
-        self._readable.set()
-        self._writable.set()
 
+class MuxSession(asyncio.Protocol):
+    """Runs the protocol over one asyncio transport (normally TLS) until either side ends it.
 
-class MuxSession:
-    """Runs the protocol over one anyio byte stream (normally TLS) until either side ends it."""
+    Pass the session as the protocol when connecting (`loop.create_connection`,
+    `loop.connect_accepted_socket`), then `await run()`: it serves the tunnel, runs the stream
+    handler for each stream the peer opens, drives the keepalive timer, and returns when the
+    tunnel ends.
+    """
 
     def __init__(
         self,
-        transport: anyio.abc.ByteStream,
         role: Role,
         *,
         settings: Settings | None = None,
@@ -209,18 +417,19 @@ class MuxSession:
         handler: StreamHandler | None = None,
         name: str = "tunnel",
     ) -> None:
-        self.transport = transport
         self.name = name
         self.conn = Connection(role, settings, keepalive=keepalive, now=_now())
+        self.transport: asyncio.Transport | None = None
         self._handler = handler
         self._streams: dict[int, MuxStream] = {}
-        self._write_needed = anyio.Event()
-        self._write_needed.set()  # our SETTINGS are queued already: send them at once
-        self._drained = anyio.Event()
+        self._pending: list[MuxStream] = []  # accepted before run() started
         self._ready = anyio.Event()
         self._done = anyio.Event()
+        self._lost = anyio.Event()
+        self._drained: anyio.Event | None = None
+        self._write_paused = False
+        self._blocked: list[MuxStream] = []  # streams that paused their socket for us
         self._tg: anyio.abc.TaskGroup | None = None
-        self._writing = False  # a task is inside _send_pending
         self._closing = False
         self.goaway: GoAwayReceived | None = None
         self.error: str | None = None  # why the session ended, if not cleanly
@@ -268,23 +477,31 @@ class MuxSession:
     async def wait_closed(self) -> None:
         await self._done.wait()
 
-    async def open_stream(
+    def open_stream_now(
         self, service: str, origin: Origin | None = None, proxy_protocol: int | None = None
     ) -> MuxStream:
+        """OPEN a stream (synchronous: usable from a protocol callback)."""
         if not self.can_open_stream:
             raise TunnelClosedError(f"{self.name} cannot open streams now")
         stream_id = self.conn.open_stream(service, origin, proxy_protocol)
         stream = MuxStream(self, stream_id, service, origin, proxy_protocol)
         self._streams[stream_id] = stream
         self.streams_total += 1
-        self._write_needed.set()
+        self._flush()
+        return stream
+
+    async def open_stream(
+        self, service: str, origin: Origin | None = None, proxy_protocol: int | None = None
+    ) -> MuxStream:
+        stream = self.open_stream_now(service, origin, proxy_protocol)
+        await anyio.lowlevel.checkpoint()
         return stream
 
     def close(self, error_code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
         """GOAWAY. NO_ERROR lets open streams finish; anything else ends the session now."""
         self._closing = True
         self.conn.close(error_code, message)
-        self._write_needed.set()
+        self._flush()
         if error_code != ErrorCode.NO_ERROR:
             self._stop(f"closed locally: {error_name(error_code)} {message}".strip())
         elif not self._streams:
@@ -298,77 +515,101 @@ class MuxSession:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                tg.start_soon(self._writer)
+                pending, self._pending = self._pending, []
+                for stream in pending:
+                    tg.start_soon(self._run_handler, stream)
                 tg.start_soon(self._timer)
-                tg.start_soon(self._reader)
                 await self._done.wait()
                 tg.cancel_scope.cancel()
         finally:
+            self._tg = None
             self._done.set()
             failure = TunnelClosedError(self.error or f"{self.name} closed")
             for stream in list(self._streams.values()):
                 stream._fail(failure)
             self._streams.clear()
-            self._drained.set()
+            self._unblock_all()
             with anyio.CancelScope(shield=True):
-                with anyio.move_on_after(1.0):
-                    await self._flush_final()
-                await self.transport.aclose()
+                await self._close_transport()
 
-    # -- tasks -------------------------------------------------------------------------------
+    async def _close_transport(self) -> None:
+        transport = self.transport
+        if transport is None or self._lost.is_set():
+            return
+        self._flush()  # a final GOAWAY, if one is queued
+        transport.close()
+        with anyio.move_on_after(1.0):
+            await self._lost.wait()
+            return
+        transport.abort()
 
-    async def _reader(self) -> None:
-        conn = self.conn
-        receive = self.transport.receive
-        while True:
-            try:
-                data = await receive(READ_SIZE)
-            except EndOfStream:
-                return self._stop(None if self._closing else "the peer closed the connection")
-            except (BrokenResourceError, ClosedResourceError, OSError) as exc:
-                return self._stop(f"connection lost: {exc or type(exc).__name__}")
-            self.bytes_in += len(data)
-            try:
-                events = conn.receive_data(data, _now())
-            except RemoteProtocolError as exc:
-                log.warning("%s: protocol error from peer: %s", self.name, exc)
-                self._write_needed.set()
-                return self._stop(f"protocol error: {exc}")
-            self._dispatch(events)
-            if conn.bytes_pending:
-                self._write_needed.set()
+    # -- asyncio Protocol: the tunnel's transport --------------------------------------------
 
-    async def _writer(self) -> None:
-        """Sends what the reader and the timer queue (acks, pongs, window updates); stream data
-        is usually sent by the stream's own task, see `_queued`."""
-        while not self._done.is_set():
-            await self._write_needed.wait()
-            self._write_needed = anyio.Event()
-            if not self._writing:
-                await self._send_pending()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop: no subclass
+        transport.set_write_buffer_limits(high=TUNNEL_HIGH_WATER)
+        self._flush()  # our SETTINGS
 
-    async def _send_pending(self) -> None:
-        """Write everything queued. Only one task at a time is in here (`_writing`)."""
-        conn = self.conn
-        self._writing = True
+    def data_received(self, data: bytes) -> None:
+        if self._done.is_set():
+            return
+        self.bytes_in += len(data)
         try:
-            while conn.bytes_pending:
-                data = conn.data_to_send()
-                try:
-                    # A started write must finish even if the task sending it is cancelled
-                    # (a stream's pipe is torn down): half a TLS record would corrupt the
-                    # tunnel for every stream. It ends when the transport does, at the latest.
-                    with anyio.CancelScope(shield=True):
-                        await self.transport.send(data)
-                except (BrokenResourceError, ClosedResourceError, EndOfStream, OSError) as exc:
-                    self._stop(f"connection lost while sending: {exc or type(exc).__name__}")
-                    return
-                self.bytes_out += len(data)
-                if conn.bytes_pending <= WRITE_HIGH_WATER:
-                    self._drained.set()
-        finally:
-            self._writing = False
+            events = self.conn.receive_data(data, _now())
+        except RemoteProtocolError as exc:
+            log.warning("%s: protocol error from peer: %s", self.name, exc)
+            self._flush()
+            self._stop(f"protocol error: {exc}")
+            return
+        self._dispatch(events)
+        self._flush()
+
+    def eof_received(self) -> bool:
+        self._stop(None if self._closing else "the peer closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost.set()
+        if exc is not None:
+            self._stop(f"connection lost: {exc or type(exc).__name__}")
+        else:
+            self._stop(None if self._closing else "the peer closed the connection")
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drained is not None:
             self._drained.set()
+        self._unblock_all()
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Write everything the core queued. Never blocks: the transport buffers."""
+        conn = self.conn
+        if not conn.bytes_pending:
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # not connected yet (connection_made flushes) or gone (nothing to do)
+        data = conn.data_to_send()
+        self.bytes_out += len(data)
+        transport.write(data)
+
+    async def _wait_writable(self) -> None:
+        """For anyio-side senders: wait while the tunnel's buffer is above its high-water mark."""
+        if self._write_paused and not self._done.is_set():
+            self._drained = anyio.Event()
+            await self._drained.wait()
+        else:
+            await anyio.lowlevel.checkpoint()
+
+    def _unblock_all(self) -> None:
+        blocked, self._blocked = self._blocked, []
+        for stream in blocked:
+            stream._unblock()
 
     async def _timer(self) -> None:
         while True:
@@ -379,16 +620,7 @@ class MuxSession:
             await anyio.sleep(max(0.0, deadline - _now()))
             events = self.conn.handle_timer(_now())
             self._dispatch(events)
-            if self.conn.bytes_pending:
-                self._write_needed.set()
-
-    async def _flush_final(self) -> None:
-        data = self.conn.data_to_send()
-        if data and not self._writing:
-            try:
-                await self.transport.send(data)
-            except (BrokenResourceError, ClosedResourceError, EndOfStream, OSError):
-                pass  # the peer is gone already; the GOAWAY was a courtesy
+            self._flush()
 
     # -- events ------------------------------------------------------------------------------
 
@@ -403,7 +635,7 @@ class MuxSession:
             elif isinstance(event, WindowUpdated):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:
-                    stream._writable.set()
+                    stream._on_window()
             elif isinstance(event, StreamOpened):
                 self._accept(event)
             elif isinstance(event, StreamEnded):
@@ -427,13 +659,16 @@ class MuxSession:
                 self._stop(event.message)
 
     def _accept(self, event: StreamOpened) -> None:
-        if self._handler is None or self._tg is None or self._closing:
+        if self._handler is None or self._closing or self._done.is_set():
             self.conn.reset_stream(event.stream_id, ErrorCode.REFUSED_STREAM)
             return
         stream = MuxStream(self, event.stream_id, event.service, event.origin, event.proxy_protocol)
         self._streams[event.stream_id] = stream
         self.streams_total += 1
-        self._tg.start_soon(self._run_handler, stream)
+        if self._tg is None:
+            self._pending.append(stream)
+        else:
+            self._tg.start_soon(self._run_handler, stream)
 
     async def _run_handler(self, stream: MuxStream) -> None:
         assert self._handler is not None
@@ -443,7 +678,8 @@ class MuxSession:
             log.exception("%s: stream %d handler failed", self.name, stream.stream_id)
             stream.reset(ErrorCode.INTERNAL_ERROR)
         finally:
-            await stream.aclose()
+            if not stream.spliced:  # a spliced stream lives on in its socket's callbacks
+                await stream.aclose()
 
     def _on_goaway(self, event: GoAwayReceived) -> None:
         self.goaway = event
@@ -456,44 +692,30 @@ class MuxSession:
 
     # -- called by streams -------------------------------------------------------------------
 
-    async def _queued(self) -> None:
-        """A stream queued data. If nobody is writing, write it now from this task: one task
-        switch less per hop than waking the writer. Otherwise leave it to the task that is
-        writing, and wait if too much is queued already (bounded memory)."""
-        if not self._writing and not self._done.is_set():
-            await self._send_pending()
-            return
-        self._write_needed.set()
-        if self.conn.bytes_pending > WRITE_HIGH_WATER and not self._done.is_set():
-            if self._drained.is_set():
-                self._drained = anyio.Event()
-            await self._drained.wait()
-        else:
-            await anyio.lowlevel.checkpoint()
-
     def _consumed(self, stream_id: int, length: int) -> None:
         self.conn.acknowledge_received_data(stream_id, length)
-        if self.conn.bytes_pending:
-            self._write_needed.set()
+        self._flush()
 
     def _end_stream(self, stream_id: int) -> None:
         try:
             self.conn.end_stream(stream_id)
         except LocalProtocolError:
             return  # already reset or the connection is closed
-        self._write_needed.set()
+        self._flush()
 
     def _reset(self, stream: MuxStream, error_code: int) -> None:
         self.conn.reset_stream(stream.stream_id, error_code)
         self._streams.pop(stream.stream_id, None)
-        self._write_needed.set()
+        self._flush()
         self._maybe_finish_drain()
 
     def _release(self, stream: MuxStream, *, abort: bool) -> None:
+        if self._streams.get(stream.stream_id) is not stream:
+            return  # released before, or the session has ended
         if abort:
             self.conn.reset_stream(stream.stream_id, ErrorCode.CANCEL)
-            self._write_needed.set()
-        self._streams.pop(stream.stream_id, None)
+            self._flush()
+        del self._streams[stream.stream_id]
         self._maybe_finish_drain()
 
     def _maybe_finish_drain(self) -> None:

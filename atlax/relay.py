@@ -7,10 +7,12 @@ config file and the control socket both go through these two calls.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -21,15 +23,12 @@ import anyio
 import anyio.abc
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 from anyio.abc import SocketAttribute
-from anyio.streams.tls import TLSAttribute, TLSStream
 
 from .config import AgentSpec, RelaySettings, ServiceSpec
 from .metrics import MetricsServer, RateLimitedLog, RelayMetrics
-from .mux import MuxSession, TunnelClosedError
-from .pipe import abort_socket, pipe
+from .mux import MuxSession, MuxStream, TunnelClosedError
 from .protocol import (
     ALPN,
-    Connection,
     ErrorCode,
     KeepaliveConfig,
     Origin,
@@ -97,8 +96,9 @@ class AgentState:
 class PortBinding:
     agent: str
     service: ServiceSpec
-    listeners: list[anyio.abc.SocketListener]
+    listeners: list[socket.socket]
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    streams: set[MuxStream] = field(default_factory=set)
     connections: int = 0
     by_source: dict[Any, int] = field(default_factory=dict)  # open connections per client IP
 
@@ -130,7 +130,7 @@ class Relay:
         self._apply_lock = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
         self._ssl: ssl.SSLContext | None = None
-        self._listeners: list[anyio.abc.SocketListener] = []
+        self._listeners: list[socket.socket] = []
         self.listen_addresses: list[tuple[str, int]] = []
         self._shutting_down = False
         self.ready = anyio.Event()
@@ -143,8 +143,8 @@ class Relay:
         s = self.settings
         await self._wait_for_tls_files()
         self._ssl = relay_context(s.ca, s.cert, s.key)
-        self._listeners = await _listen(s.listen.host, s.listen.port)
-        self.listen_addresses = [_address(lst) for lst in self._listeners]
+        self._listeners = await listen_sockets(s.listen.host, s.listen.port)
+        self.listen_addresses = [_sock_address(sock) for sock in self._listeners]
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -162,15 +162,14 @@ class Relay:
                     await tg.start(self.control.serve)
                 addresses = ", ".join(_fmt(a) for a in self.listen_addresses)
                 log.info("relay listening for agents on %s", addresses)
-                for lst in self._listeners:
-                    tg.start_soon(accept_loop, lst, self._handle_agent)
+                for sock in self._listeners:
+                    tg.start_soon(accept_sockets, sock, self._spawn_agent)
                 tg.start_soon(self._watch_tls_files)
                 self.ready.set()
                 task_status.started()
         finally:
-            with anyio.CancelScope(shield=True):
-                for lst in self._listeners:
-                    await lst.aclose()
+            for sock in self._listeners:
+                close_listener(sock)
 
     def readiness(self) -> tuple[bool, str]:
         if self._shutting_down:
@@ -216,11 +215,11 @@ class Relay:
         self._shutting_down = True
         grace = self.settings.drain_timeout if grace is None else grace
         log.info("relay shutting down: draining streams for up to %gs", grace)
-        for lst in self._listeners:
-            await lst.aclose()
+        for sock in self._listeners:
+            close_listener(sock)
         for binding in self._ports.values():
-            for lst in binding.listeners:
-                await lst.aclose()  # no new clients; open ones keep running
+            for sock in binding.listeners:
+                close_listener(sock)  # no new clients; open ones keep running
         sessions = [a.session for a in self._agents.values() if a.session is not None]
         for session in sessions:
             session.close(ErrorCode.NO_ERROR, "relay shutting down")
@@ -251,14 +250,14 @@ class Relay:
                 owner = self.port_owner(port)
                 if owner is not None and owner != spec.name:
                     raise PortConflictError(port, f"port {port} is already used by agent {owner!r}")
-            bound: dict[int, list[anyio.abc.SocketListener]] = {}
+            bound: dict[int, list[socket.socket]] = {}
             try:
                 for port in sorted(p for p in wanted if p not in self._ports):
                     bound[port] = await self._bind(port)
             except PortConflictError:
                 for listeners in bound.values():
-                    for lst in listeners:
-                        await lst.aclose()
+                    for sock in listeners:
+                        close_listener(sock)
                 raise
             state = self._agents.get(spec.name)
             changed = state is None or state.spec != spec
@@ -292,16 +291,16 @@ class Relay:
             log.info("agent %r removed: ports closed, identity revoked", name)
             return True
 
-    async def _bind(self, port: int) -> list[anyio.abc.SocketListener]:
+    async def _bind(self, port: int) -> list[socket.socket]:
         host = self.settings.public_host
         try:
-            return await _listen(host, port)
+            return await listen_sockets(host, port)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise PortConflictError(port, f"cannot listen on {host}:{port}: {reason}") from None
 
     def _open_port(
-        self, port: int, agent: str, service: ServiceSpec, listeners: list[anyio.abc.SocketListener]
+        self, port: int, agent: str, service: ServiceSpec, listeners: list[socket.socket]
     ) -> None:
         assert self._tg is not None
         binding = PortBinding(agent, service, listeners)
@@ -312,83 +311,93 @@ class Relay:
         """Stop listening before returning, and drop the port's open connections."""
         binding = self._ports.pop(port)
         binding.scope.cancel()
-        for lst in binding.listeners:
-            await lst.aclose()
+        for sock in binding.listeners:
+            close_listener(sock)
+        for stream in list(binding.streams):
+            stream.abort()
 
     async def _serve_port(self, binding: PortBinding) -> None:
-        async def handle(client: anyio.abc.SocketStream) -> None:
+        async def handle(client: socket.socket) -> None:
             await self._handle_client(binding, client)
 
         try:
             with binding.scope:
                 async with anyio.create_task_group() as tg:
-                    for lst in binding.listeners:
-                        tg.start_soon(accept_loop, lst, handle)
+                    for sock in binding.listeners:
+                        tg.start_soon(accept_sockets, sock, handle)
         finally:
-            with anyio.CancelScope(shield=True):
-                for lst in binding.listeners:
-                    await lst.aclose()
+            for sock in binding.listeners:
+                close_listener(sock)
 
     # -- public clients ----------------------------------------------------------------------
 
-    async def _handle_client(self, binding: PortBinding, client: anyio.abc.SocketStream) -> None:
-        async with client:
-            service = binding.service
-            origin = _origin(client)
-            reason = self._refusal(binding, origin)
-            if reason is not None:
-                self.metrics.refused.labels(str(service.port), reason).inc()
-                where = f"{origin.source}:{origin.source_port}" if origin else "unknown peer"
-                self._refusals.warning(
-                    f"{service.port}/{reason}",
-                    "port %d: closed connection from %s: %s",
-                    service.port,
-                    where,
-                    _REFUSALS[reason],
-                )
-                abort_socket(client)
-                return
-            state = self._agents[binding.agent]
-            session = state.session
-            assert session is not None
-            try:
-                proxy = 2 if service.proxy_protocol == "v2" else None
-                stream = await session.open_stream(service.name, origin, proxy)
-            except TunnelClosedError:
-                return
-            state.streams_total += 1
-            binding.connections += 1
-            source = origin.source if origin is not None else None
-            binding.by_source[source] = binding.by_source.get(source, 0) + 1
-            _keepalive(client)
-            m = self.metrics
-            m.streams_total.labels(state.name, service.name).inc()
-            m.streams_open.labels(state.name).inc()
-            to_agent = m.bytes_total.labels(state.name, service.name, "to_agent")
-            from_agent = m.bytes_total.labels(state.name, service.name, "from_agent")
-            ok = False
-            try:
+    async def _handle_client(self, binding: PortBinding, client: socket.socket) -> None:
+        """Join a public connection to a new stream; from then on it lives in callbacks."""
+        service = binding.service
+        origin = _origin(client)
+        reason = self._refusal(binding, origin)
+        if reason is not None:
+            self.metrics.refused.labels(str(service.port), reason).inc()
+            where = f"{origin.source}:{origin.source_port}" if origin else "unknown peer"
+            self._refusals.warning(
+                f"{service.port}/{reason}",
+                "port %d: closed connection from %s: %s",
+                service.port,
+                where,
+                _REFUSALS[reason],
+            )
+            _close_with_reset(client)
+            return
+        state = self._agents[binding.agent]
+        session = state.session
+        assert session is not None
+        try:
+            proxy = 2 if service.proxy_protocol == "v2" else None
+            stream = session.open_stream_now(service.name, origin, proxy)
+        except TunnelClosedError:
+            client.close()
+            return
+        state.streams_total += 1
+        binding.connections += 1
+        binding.streams.add(stream)
+        source = origin.source if origin is not None else None
+        binding.by_source[source] = binding.by_source.get(source, 0) + 1
+        _keepalive(client)
+        m = self.metrics
+        m.streams_total.labels(state.name, service.name).inc()
+        open_gauge = m.streams_open.labels(state.name)
+        open_gauge.inc()
+        to_agent = m.bytes_total.labels(state.name, service.name, "to_agent")
+        from_agent = m.bytes_total.labels(state.name, service.name, "from_agent")
 
-                def count_to_agent(n: int) -> None:
-                    state.bytes_to_agent += n
-                    to_agent.inc(n)
+        def count_to_agent(n: int) -> None:
+            state.bytes_to_agent += n
+            to_agent.inc(n)
 
-                def count_from_agent(n: int) -> None:
-                    state.bytes_from_agent += n
-                    from_agent.inc(n)
+        def count_from_agent(n: int) -> None:
+            state.bytes_from_agent += n
+            from_agent.inc(n)
 
-                ok = await pipe(client, stream, a_to_b=count_to_agent, b_to_a=count_from_agent)
-            finally:
-                binding.connections -= 1
-                left = binding.by_source[source] - 1
-                if left:
-                    binding.by_source[source] = left
-                else:
-                    del binding.by_source[source]
-                m.streams_open.labels(state.name).dec()
-                if not ok:
-                    abort_socket(client)
-                await stream.aclose()
+        def finished(ok: bool) -> None:
+            binding.connections -= 1
+            binding.streams.discard(stream)
+            left = binding.by_source[source] - 1
+            if left:
+                binding.by_source[source] = left
+            else:
+                del binding.by_source[source]
+            open_gauge.dec()
+
+        stream.count_sent = count_to_agent
+        stream.count_received = count_from_agent
+        stream.on_close = finished
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: stream, client)
+        except (OSError, ValueError) as exc:
+            log.debug("port %d: client gone before it was joined: %s", service.port, exc)
+            stream.abort()
+            _close_with_reset(client)
 
     def _refusal(self, binding: PortBinding, origin: Origin | None) -> str | None:
         """Why a new public connection must be closed at once, or None to serve it."""
@@ -414,35 +423,53 @@ class Relay:
 
     # -- agents ------------------------------------------------------------------------------
 
-    async def _handle_agent(self, tcp: anyio.abc.SocketStream) -> None:
-        peer = _fmt(tcp.extra(SocketAttribute.remote_address))
-        assert self._ssl is not None
+    async def _spawn_agent(self, sock: socket.socket) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(self._handle_agent, sock)
+
+    async def _handle_agent(self, sock: socket.socket) -> None:
         try:
-            with anyio.fail_after(self.settings.handshake_timeout):
-                tls = await TLSStream.wrap(
-                    tcp, server_side=True, ssl_context=self._ssl, standard_compatible=False
+            await self._agent_connection(sock)
+        except Exception:
+            log.exception("internal error handling an agent connection; closed it")
+            sock.close()
+
+    async def _agent_connection(self, sock: socket.socket) -> None:
+        peer = _fmt(_peername(sock))
+        assert self._ssl is not None
+        s = self.settings
+        session = MuxSession(
+            Role.SERVER,
+            settings=TUNNEL_SETTINGS,
+            keepalive=KeepaliveConfig(s.keepalive_interval, s.keepalive_timeout),
+            name=f"agent at {peer}",
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            with anyio.fail_after(s.handshake_timeout):
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: session,
+                    sock,
+                    ssl=self._ssl,
+                    ssl_handshake_timeout=s.handshake_timeout + 1,
                 )
         except TimeoutError:
             self.metrics.handshake_failures.labels("timeout").inc()
             log.warning("agent port: TLS handshake from %s timed out", peer)
-            await tcp.aclose()
+            sock.close()
             return
-        except (
-            ssl.SSLError,
-            BrokenResourceError,
-            EndOfStream,
-            ClosedResourceError,
-            OSError,
-        ) as exc:
+        except (ssl.SSLError, OSError, EOFError, ValueError) as exc:
             self.metrics.handshake_failures.labels(_tls_failure_kind(exc)).inc()
             log.warning("agent port: TLS handshake from %s failed: %s", peer, _tls_reason(exc))
-            await tcp.aclose()
+            sock.close()
             return
-        name = peer_common_name(tls.extra(TLSAttribute.peer_certificate))
-        if tls.extra(TLSAttribute.alpn_protocol) != ALPN:
+        tls = transport.get_extra_info("ssl_object")
+        name = peer_common_name(tls.getpeercert()) if tls is not None else None
+        if tls is None or tls.selected_alpn_protocol() != ALPN:
             self.metrics.handshake_failures.labels("alpn").inc()
             log.warning("agent port: %s (%s) did not negotiate ALPN %s; closing", peer, name, ALPN)
-            await tls.aclose()
+            session.close(ErrorCode.PROTOCOL_ERROR, f"ALPN {ALPN} required")
+            await session.run()
             return
         state = self._agents.get(name) if name else None
         connected = sum(1 for a in self._agents.values() if a.session is not None)
@@ -457,19 +484,14 @@ class Relay:
         if state is None or kind:
             self.metrics.handshake_failures.labels(kind).inc()
             log.warning("agent port: refused %r from %s: %s", name, peer, reason)
-            await _refuse(tls, code, reason)
+            session.close(code, reason)
+            await session.run()
             return
-        await self._run_agent(state, tls, peer)
+        session.name = f"agent {state.name!r}"
+        await self._run_agent(state, session, peer)
 
-    async def _run_agent(self, state: AgentState, tls: TLSStream, peer: str) -> None:
+    async def _run_agent(self, state: AgentState, session: MuxSession, peer: str) -> None:
         s = self.settings
-        session = MuxSession(
-            tls,
-            Role.SERVER,
-            settings=TUNNEL_SETTINGS,
-            keepalive=KeepaliveConfig(s.keepalive_interval, s.keepalive_timeout),
-            name=f"agent {state.name!r}",
-        )
         agent_label = state.name
 
         def record_rtt(rtt: float) -> None:
@@ -503,6 +525,85 @@ class Relay:
             await session.wait_closed()
             return
         session.close(ErrorCode.REPLACED, "replaced by a newer tunnel")
+
+
+async def listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """Non-blocking listening sockets for `host` (every address it resolves to) and `port`.
+
+    Port 0 picks a free port for the first address and uses the same one for the others.
+    """
+    infos = await anyio.getaddrinfo(
+        host or None,
+        port,
+        type=socket.SOCK_STREAM,
+        flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG,
+    )
+    sockets: list[socket.socket] = []
+    seen: set[Any] = set()
+    try:
+        for family, _, proto, _, address in infos:
+            if address in seen:
+                continue
+            seen.add(address)
+            sock = socket.socket(family, socket.SOCK_STREAM, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(65535)  # the kernel caps it at net.core.somaxconn
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def close_listener(sock: socket.socket) -> None:
+    """Close a listening socket; a task waiting in `accept_sockets` on it returns."""
+    if sock.fileno() != -1:
+        anyio.notify_closing(sock)
+        sock.close()
+
+
+def _sock_address(sock: socket.socket) -> tuple[str, int]:
+    address = sock.getsockname()
+    return str(address[0]), int(address[1])
+
+
+async def accept_sockets(
+    sock: socket.socket, handler: Callable[[socket.socket], Coroutine[Any, Any, None]]
+) -> None:
+    """Accept raw connections until the socket is closed, handing each to `handler` in turn.
+
+    The handler runs inline (it must not block for long): public connections are joined to
+    their stream at once, agents are handed to a task of their own.
+    """
+    while True:
+        try:
+            await anyio.wait_readable(sock)
+        except (ClosedResourceError, OSError, ValueError):
+            return
+        for _ in range(1024):  # drain a burst of connections per wake-up
+            try:
+                client, _ = sock.accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if sock.fileno() == -1:
+                    return
+                log.warning("accept failed: %s", exc.strerror or exc)  # EMFILE and friends
+                await anyio.sleep(0.1)
+                break
+            client.setblocking(False)
+            try:
+                await handler(client)
+            except Exception:
+                log.exception("internal error handling a connection; closed it")
+                client.close()
 
 
 async def _listen(host: str, port: int) -> list[anyio.abc.SocketListener]:
@@ -546,28 +647,32 @@ async def _contained(
             await client.aclose()
 
 
-async def _refuse(tls: TLSStream, code: ErrorCode, reason: str) -> None:
-    conn = Connection(Role.SERVER)
-    conn.close(code, reason)
-    with anyio.move_on_after(2):
-        try:
-            await tls.send(conn.data_to_send())
-        except (BrokenResourceError, ClosedResourceError, OSError):
-            pass
-    await tls.aclose()
-
-
-def _origin(client: anyio.abc.SocketStream) -> Origin | None:
+def _peername(sock: socket.socket) -> Any:
     try:
-        src = client.extra(SocketAttribute.remote_address)
-        dst = client.extra(SocketAttribute.local_address)
+        return sock.getpeername()
+    except OSError:
+        return "unknown peer"
+
+
+def _origin(client: socket.socket) -> Origin | None:
+    try:
+        src = client.getpeername()
+        dst = client.getsockname()
         src_ip = ipaddress.ip_address(src[0])
         dst_ip = ipaddress.ip_address(dst[0])
         if src_ip.version != dst_ip.version:
             return None
         return Origin(src_ip, int(src[1]), dst_ip, int(dst[1]))
-    except (ValueError, TypeError, IndexError, anyio.TypedAttributeLookupError):
+    except (OSError, ValueError, TypeError, IndexError):
         return None
+
+
+def _close_with_reset(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
 
 
 _REFUSALS = {
@@ -579,15 +684,14 @@ _REFUSALS = {
 }
 
 
-def _keepalive(client: anyio.abc.SocketStream) -> None:
+def _keepalive(sock: socket.socket) -> None:
     """TCP keepalive on public connections: clients that vanish without FIN/RST are reaped."""
     try:
-        sock = client.extra(SocketAttribute.raw_socket)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-    except (OSError, AttributeError, anyio.TypedAttributeLookupError):
+    except (OSError, AttributeError):
         pass
 
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def anyio_backend() -> str:
-    return "asyncio"
+    return ("asyncio", {"use_uvloop": True})
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import hashlib
 import os
 import resource
 import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -101,10 +102,9 @@ class FaultyLink:
 
     async def cut(self) -> None:
         """Every connection reset at once, as when a NAT forgets the flow."""
-        from atlax.pipe import abort_socket
-
         for conn in self._conns:
-            abort_socket(conn)
+            sock = conn.extra(anyio.abc.SocketAttribute.raw_socket)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             await conn.aclose()
         self._conns.clear()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import ssl
@@ -410,9 +411,7 @@ async def test_malformed_frames_close_only_that_tunnel(
 
 
 async def test_mux_session_over_plain_tcp_is_transport_agnostic() -> None:
-    """The session runs over any anyio byte stream; here plain TCP, no TLS."""
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    """The session runs over any asyncio transport; here plain TCP, no TLS."""
     got: list[bytes] = []
 
     async def serve_stream(stream: object) -> None:
@@ -428,15 +427,23 @@ async def test_mux_session_over_plain_tcp_is_transport_agnostic() -> None:
             await stream.send(data[::-1])
             await stream.send_eof()
 
+    loop = asyncio.get_running_loop()
+    servers: list[MuxSession] = []
+
+    def new_server_session() -> MuxSession:
+        servers.append(MuxSession(Role.SERVER, handler=serve_stream))
+        return servers[-1]
+
+    server = await loop.create_server(new_server_session, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
     async with anyio.create_task_group() as tg:
-
-        async def server() -> None:
-            conn = await listener.listeners[0].accept()  # type: ignore[attr-defined]
-            await MuxSession(conn, Role.SERVER, handler=serve_stream).run()
-
-        tg.start_soon(server)
-        client = MuxSession(await anyio.connect_tcp("127.0.0.1", port), Role.CLIENT)
+        client = MuxSession(Role.CLIENT)
+        await loop.create_connection(lambda: client, "127.0.0.1", port)
         tg.start_soon(client.run)
+        with anyio.fail_after(5):
+            while not servers:
+                await anyio.sleep(0.01)
+        tg.start_soon(servers[0].run)
         await client.wait_ready()
         stream = await client.open_stream("echo")
         await stream.send(b"hello tunnel")
@@ -451,5 +458,5 @@ async def test_mux_session_over_plain_tcp_is_transport_agnostic() -> None:
         assert reply == b"lennut olleh"
         client.close()
         tg.cancel_scope.cancel()
-    await listener.aclose()
+    server.close()
     assert got == [b"hello tunnel"]
