@@ -132,7 +132,12 @@ async def tunnel_through_link(
         running_relay(relay),
         FaultyLink(settings.listen.port).running() as link,
     ):
-        agent = Agent(agent_settings(pki, link.port, backoff_cap=0.3, **timing), {"web": echo})
+        # A reconnect attempt that starts while the link is still silent must give up and try
+        # again soon, as it would behind a real dead NAT: a short connect timeout.
+        agent = Agent(
+            agent_settings(pki, link.port, backoff_cap=0.3, connect_timeout=2.0, **timing),
+            {"web": echo},
+        )
         async with running_agent(agent):
             yield relay, agent, link, port
 
