@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .tls import CertificateError as CertificateError  # re-exported: defined without cryptography
+
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _DNS = re.compile(
     r"(\*\.)?[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*"
@@ -30,10 +32,6 @@ _LIFETIME = re.compile(r"(\d+)([smhdy])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "y": 365 * 86400}
 # Tolerate clocks that disagree a little: certificates start being valid a bit in the past.
 _BACKDATE = timedelta(minutes=5)
-
-
-class CertificateError(Exception):
-    """A certificate or key problem, phrased for the user (names the file or value)."""
 
 
 @dataclass(frozen=True)

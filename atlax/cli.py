@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import anyio
 
-from . import __version__, certs
+from . import __version__
 from .config import (
     AgentConfig,
     AgentSettings,
@@ -23,7 +23,7 @@ from .config import (
     parse_service_mapping,
 )
 from .relay import PortConflictError, Relay
-from .tls import TLSConfigError, agent_context
+from .tls import CertificateError, TLSConfigError, agent_context
 
 log = logging.getLogger("atlax")
 
@@ -36,6 +36,8 @@ class UsageError(Exception):
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
+    from . import certs  # cryptography costs ~8 MB: only the commands that mint load it
+
     ca = certs.create_ca(args.name, certs.parse_lifetime(args.lifetime))
     crt, key = certs.write_ca(ca, Path(args.dir), overwrite=args.force)
     print(f"wrote {crt} and {key}")
@@ -43,6 +45,8 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 
 
 def cmd_cert_issue(args: argparse.Namespace) -> int:
+    from . import certs
+
     ca = certs.load_ca(Path(args.ca_dir))
     if args.server:
         lifetime = certs.parse_lifetime(args.lifetime or "365d")
@@ -333,7 +337,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     *_control_errors(),
     UsageError,
     ConfigError,
-    certs.CertificateError,
+    CertificateError,
     TLSConfigError,
     PortConflictError,
 )

@@ -26,7 +26,7 @@ from anyio.abc import SocketAttribute
 
 from .config import AgentSpec, RelaySettings, ServiceSpec
 from .metrics import MetricsServer, RateLimitedLog, RelayMetrics
-from .mux import MuxSession, MuxStream, TunnelClosedError
+from .mux import MuxSession, MuxStream, StreamObserver, TunnelClosedError
 from .protocol import (
     ALPN,
     ErrorCode,
@@ -101,6 +101,49 @@ class PortBinding:
     streams: set[MuxStream] = field(default_factory=set)
     connections: int = 0
     by_source: dict[Any, int] = field(default_factory=dict)  # open connections per client IP
+
+
+class _PublicConnection(StreamObserver):
+    """Accounting for one public connection: bytes, open-stream gauge, per-port counters."""
+
+    __slots__ = ("_binding", "_from_agent", "_open", "_source", "_state", "_stream", "_to_agent")
+
+    def __init__(
+        self,
+        metrics: RelayMetrics,
+        binding: PortBinding,
+        state: AgentState,
+        stream: MuxStream,
+        source: Any,
+    ) -> None:
+        service = binding.service.name
+        self._binding = binding
+        self._state = state
+        self._stream = stream
+        self._source = source
+        self._to_agent = metrics.bytes_total.labels(state.name, service, "to_agent")
+        self._from_agent = metrics.bytes_total.labels(state.name, service, "from_agent")
+        self._open = metrics.streams_open.labels(state.name)
+        self._open.inc()
+
+    def sent(self, n: int) -> None:
+        self._state.bytes_to_agent += n
+        self._to_agent.inc(n)
+
+    def received(self, n: int) -> None:
+        self._state.bytes_from_agent += n
+        self._from_agent.inc(n)
+
+    def closed(self, ok: bool) -> None:
+        binding = self._binding
+        binding.connections -= 1
+        binding.streams.discard(self._stream)
+        left = binding.by_source[self._source] - 1
+        if left:
+            binding.by_source[self._source] = left
+        else:
+            del binding.by_source[self._source]
+        self._open.dec()
 
 
 def _iso(ts: float | None) -> str | None:
@@ -363,34 +406,8 @@ class Relay:
         source = origin.source if origin is not None else None
         binding.by_source[source] = binding.by_source.get(source, 0) + 1
         _keepalive(client)
-        m = self.metrics
-        m.streams_total.labels(state.name, service.name).inc()
-        open_gauge = m.streams_open.labels(state.name)
-        open_gauge.inc()
-        to_agent = m.bytes_total.labels(state.name, service.name, "to_agent")
-        from_agent = m.bytes_total.labels(state.name, service.name, "from_agent")
-
-        def count_to_agent(n: int) -> None:
-            state.bytes_to_agent += n
-            to_agent.inc(n)
-
-        def count_from_agent(n: int) -> None:
-            state.bytes_from_agent += n
-            from_agent.inc(n)
-
-        def finished(ok: bool) -> None:
-            binding.connections -= 1
-            binding.streams.discard(stream)
-            left = binding.by_source[source] - 1
-            if left:
-                binding.by_source[source] = left
-            else:
-                del binding.by_source[source]
-            open_gauge.dec()
-
-        stream.count_sent = count_to_agent
-        stream.count_received = count_from_agent
-        stream.on_close = finished
+        self.metrics.streams_total.labels(state.name, service.name).inc()
+        stream.observer = _PublicConnection(self.metrics, binding, state, stream, source)
         loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(lambda: stream, client)

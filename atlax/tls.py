@@ -14,6 +14,10 @@ from pathlib import Path
 from .protocol import ALPN
 
 
+class CertificateError(Exception):
+    """A certificate or key problem, phrased for the user (names the file or value)."""
+
+
 class TLSConfigError(Exception):
     """A certificate, key or CA file could not be used; the message names the file."""
 

@@ -44,6 +44,8 @@ MAX_PINGS_PER_SECOND = 100
 MAX_REFUSED_STREAMS = 1000
 
 
+_FIN = int(Flag.FIN)  # plain int: IntFlag arithmetic is slow on the per-frame path
+
 class Role(enum.Enum):
     CLIENT = "client"  # dialled the connection (the agent): odd stream ids
     SERVER = "server"  # accepted it (the relay): even stream ids
@@ -203,7 +205,7 @@ class Connection:
         for offset in range(0, length, step):
             chunk = view[offset : offset + step]
             last = offset + step >= length
-            flags = Flag.FIN if (end_stream and last) else 0
+            flags = _FIN if (end_stream and last) else 0
             self._emit(encode_header(FrameType.DATA, flags, stream_id, len(chunk)))
             self._emit(chunk)
         if end_stream:
@@ -376,7 +378,7 @@ class Connection:
             events.append(ev.StreamEnded(stream_id))
 
     def _on_data(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
-        fin = bool(frame.flags & Flag.FIN)
+        fin = bool(frame.flags & _FIN)
         if not frame.payload and not fin:
             raise RemoteProtocolError("empty DATA frame without FIN")
         stream = self._stream_for_frame(frame)

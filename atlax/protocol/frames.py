@@ -57,6 +57,7 @@ class OptionType(enum.IntEnum):
 
 _CONNECTION_FRAMES = frozenset({FrameType.PING, FrameType.GOAWAY, FrameType.SETTINGS})
 _FIXED_SIZES = {FrameType.WINDOW_UPDATE: 4, FrameType.RESET: 4, FrameType.PING: 8}
+_TYPES = {int(t): t for t in FrameType}  # a dict lookup: calling the enum costs ~1 µs a frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,10 +286,9 @@ class FrameDecoder:
                 f"frame of {length} bytes exceeds MAX_FRAME_SIZE {self.max_frame_size}",
                 ErrorCode.FRAME_SIZE_ERROR,
             )
-        try:
-            type_ = FrameType(raw_type)
-        except ValueError:
-            raise RemoteProtocolError(f"unknown frame type 0x{raw_type:x}") from None
+        type_ = _TYPES.get(raw_type)
+        if type_ is None:
+            raise RemoteProtocolError(f"unknown frame type 0x{raw_type:x}")
         if (type_ in _CONNECTION_FRAMES) != (stream_id == 0):
             where = "stream 0" if stream_id == 0 else f"stream {stream_id}"
             raise RemoteProtocolError(f"{type_.name} frame is not allowed on {where}")
