@@ -46,6 +46,7 @@ MAX_REFUSED_STREAMS = 1000
 
 _FIN = int(Flag.FIN)  # plain int: IntFlag arithmetic is slow on the per-frame path
 
+
 class Role(enum.Enum):
     CLIENT = "client"  # dialled the connection (the agent): odd stream ids
     SERVER = "server"  # accepted it (the relay): even stream ids
