@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -227,3 +229,35 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         yield plane
     finally:
         plane.stop()
+
+
+def pod_relay(dir: Path, relay_port: int, control_socket: Path, extra: str = "") -> Path:
+    """relay.toml as the chart's pod has it: TLS files that the operator writes into `tls/`
+    and a control socket. Returns the config's path; `start_relay_process` runs it."""
+    (dir / "tls").mkdir(exist_ok=True)
+    config = dir / "relay.toml"
+    config.write_text(
+        f'[relay]\nlisten = "127.0.0.1:{relay_port}"\nca = "tls/ca.crt"\ncert = "tls/relay.crt"\n'
+        f'key = "tls/relay.key"\npublic_host = "127.0.0.1"\ncontrol_socket = "{control_socket}"\n'
+        + extra
+    )
+    return config
+
+
+def start_relay_process(config: Path, log: Path) -> subprocess.Popen[str]:
+    """`atlax relay` as a process that waits for the operator to write its certificate."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "atlax.cli",
+            "relay",
+            "--config",
+            str(config),
+            "--wait-for-tls",
+            "60",
+        ],
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, free_port, wait_for
+from conftest import ROOT, free_port, pod_relay, start_relay_process, wait_for
 from controlplane import ControlPlane
 
 CHART = ROOT / "charts" / "atlax"
@@ -250,25 +250,8 @@ def test_operator_works_with_only_the_charts_rbac(
     kubeconfig = cp.kubeconfig_for_token(token, tmp_path / "sa-kubeconfig", namespace=ns)
     port, relay_port = free_port(), free_port()
     sock = tmp_path / "run" / "control.sock"
-    (tmp_path / "tls").mkdir()
-    (tmp_path / "relay.toml").write_text(
-        f'[relay]\nlisten = "127.0.0.1:{relay_port}"\nca = "tls/ca.crt"\ncert = "tls/relay.crt"\n'
-        f'key = "tls/relay.key"\npublic_host = "127.0.0.1"\ncontrol_socket = "{sock}"\n'
-    )
-    relay = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atlax.cli",
-            "relay",
-            "--config",
-            str(tmp_path / "relay.toml"),
-            "--wait-for-tls",
-            "60",
-        ],
-        stdout=(tmp_path / "relay.log").open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    config = pod_relay(tmp_path, relay_port, sock)
+    relay = start_relay_process(config, tmp_path / "relay.log")
     log = tmp_path / "operator.log"
     operator = subprocess.Popen(
         [

@@ -24,7 +24,9 @@ from conftest import (
     echo_handler,
     exchange,
     free_port,
+    pod_relay,
     running_agent,
+    start_relay_process,
     tcp_service,
     wait_for,
     wait_until,
@@ -66,21 +68,7 @@ class Stack:
     operator: subprocess.Popen[str]
 
     def start_relay(self) -> None:
-        self.relay = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "atlax.cli",
-                "relay",
-                "--config",
-                str(self.dir / "relay.toml"),
-                "--wait-for-tls",
-                "60",
-            ],
-            stdout=(self.dir / "relay.log").open("a"),
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.relay = start_relay_process(self.dir / "relay.toml", self.dir / "relay.log")
 
     def status(self, name: str) -> dict[str, Any]:
         result = self.cp.kubectl("get", "tunnelagent", name, "-n", NS, "-o", "json", check=False)
@@ -125,12 +113,7 @@ def stack(control_plane: ControlPlane, tmp_path: Path) -> Iterator[Stack]:
     cp.kubectl("create", "service", "loadbalancer", "atlax-relay", "--tcp=7443:7443", "-n", NS)
     relay_port = free_port()
     sock = tmp_path / "run" / "control.sock"
-    (tmp_path / "tls").mkdir()
-    (tmp_path / "relay.toml").write_text(
-        f'[relay]\nlisten = "127.0.0.1:{relay_port}"\nca = "tls/ca.crt"\ncert = "tls/relay.crt"\n'
-        f'key = "tls/relay.key"\npublic_host = "127.0.0.1"\ncontrol_socket = "{sock}"\n'
-        "keepalive_interval = 1.0\nkeepalive_timeout = 3.0\n"
-    )
+    pod_relay(tmp_path, relay_port, sock, "keepalive_interval = 1.0\nkeepalive_timeout = 3.0\n")
     env_kc = {"KUBECONFIG": str(cp.kubeconfig), "PATH": "/usr/bin:/bin"}
     operator = subprocess.Popen(
         [

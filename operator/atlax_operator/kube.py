@@ -131,14 +131,7 @@ async def create_secret(
     labels: dict[str, str] | None = None,
 ) -> bool:
     """Create; False if it already exists (someone else won the race)."""
-    body = _secret_body(name, data, owner, type_, labels)
-    try:
-        await call(core().create_namespaced_secret, namespace, body)
-    except ApiException as exc:
-        if exc.status == 409:
-            return False
-        raise
-    return True
+    return await _create(namespace, _secret_body(name, data, owner, type_, labels))
 
 
 async def put_secret(
@@ -150,9 +143,20 @@ async def put_secret(
     type_: str = "kubernetes.io/tls",
     labels: dict[str, str] | None = None,
 ) -> None:
+    """Create or replace, with one body for both."""
     body = _secret_body(name, data, owner, type_, labels)
-    if not await create_secret(namespace, name, data, owner=owner, type_=type_, labels=labels):
+    if not await _create(namespace, body):
         await call(core().replace_namespaced_secret, name, namespace, body)
+
+
+async def _create(namespace: str, body: dict[str, Any]) -> bool:
+    try:
+        await call(core().create_namespaced_secret, namespace, body)
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise
+    return True
 
 
 async def delete_secret(namespace: str, name: str) -> None:
