@@ -104,14 +104,19 @@ class TunnelClosedError(BrokenResourceError):
     """The tunnel under the stream ended."""
 
 
+def reset_on_close(sock: Any) -> None:
+    """Make the socket's close send a TCP RST, so the peer sees a failure, not a clean EOF."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except (OSError, ValueError):  # already closed (uvloop raises ValueError for fd -1)
+        pass
+
+
 def abort_transport(transport: asyncio.Transport) -> None:
-    """Close at once with a TCP RST, so the peer sees a failure instead of a clean EOF."""
+    """Close at once with a TCP RST."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except (OSError, ValueError):  # already closed (uvloop raises ValueError for fd -1)
-            pass
+        reset_on_close(sock)
     transport.abort()
 
 

@@ -12,7 +12,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from anyio.abc import SocketAttribute
 
 from .config import AgentSpec, RelaySettings, ServiceSpec
 from .metrics import MetricsServer, RateLimitedLog, RelayMetrics
-from .mux import MuxSession, MuxStream, StreamObserver, TunnelClosedError
+from .mux import MuxSession, MuxStream, StreamObserver, TunnelClosedError, reset_on_close
 from .protocol import (
     ALPN,
     ErrorCode,
@@ -104,7 +103,8 @@ class PortBinding:
 
 
 class _PublicConnection(StreamObserver):
-    """Accounting for one public connection: bytes, open-stream gauge, per-port counters."""
+    """Accounting for one public connection, counted in here and counted out in `closed`:
+    bytes, stream counters and gauge, the port's connections per source."""
 
     __slots__ = ("_binding", "_from_agent", "_open", "_source", "_state", "_stream", "_to_agent")
 
@@ -125,6 +125,11 @@ class _PublicConnection(StreamObserver):
         self._from_agent = metrics.bytes_total.labels(state.name, service, "from_agent")
         self._open = metrics.streams_open.labels(state.name)
         self._open.inc()
+        metrics.streams_total.labels(state.name, service).inc()
+        state.streams_total += 1
+        binding.connections += 1
+        binding.streams.add(stream)
+        binding.by_source[source] = binding.by_source.get(source, 0) + 1
 
     def sent(self, n: int) -> None:
         self._state.bytes_to_agent += n
@@ -400,14 +405,9 @@ class Relay:
         except TunnelClosedError:
             client.close()
             return
-        state.streams_total += 1
-        binding.connections += 1
-        binding.streams.add(stream)
         source = origin.source if origin is not None else None
-        binding.by_source[source] = binding.by_source.get(source, 0) + 1
-        _keepalive(client)
-        self.metrics.streams_total.labels(state.name, service.name).inc()
         stream.observer = _PublicConnection(self.metrics, binding, state, stream, source)
+        _keepalive(client)
         loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(lambda: stream, client)
@@ -685,10 +685,7 @@ def _origin(client: socket.socket) -> Origin | None:
 
 
 def _close_with_reset(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
+    reset_on_close(sock)
     sock.close()
 
 
