@@ -141,7 +141,9 @@ class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):
         # Spliced mode: set before the socket connects.
         self.preamble = b""  # written to the socket before anything from the tunnel
         self.observer = _NO_OBSERVER
-        self._chunks: deque[bytes] | None = None  # received, not yet read or given to a socket
+        self._chunks: deque[bytes | bytearray] | None = (
+            None  # received, not yet read or given to a socket
+        )
         self._buffered = 0
         self._remote_eof = False
         self._local_eof = False
@@ -188,10 +190,12 @@ class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):
             chunk = chunk[:max_bytes]
         self._buffered -= len(chunk)
         self._session._consumed(self.stream_id, len(chunk))
-        return chunk
+        return chunk if type(chunk) is bytes else bytes(chunk)
 
     async def send(self, item: bytes) -> None:
-        view = memoryview(item).cast("B")
+        if type(item) is not bytes:
+            item = bytes(item)  # the tunnel may hold a view of it after send() returns
+        view = memoryview(item)
         session = self._session
         while view:
             self._check_sendable()
@@ -360,7 +364,7 @@ class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):
 
     # -- called by the session ---------------------------------------------------------------
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | bytearray) -> None:
         n = len(data)
         self.bytes_received += n
         transport = self._transport
@@ -420,7 +424,7 @@ class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):
             self._finish(ok=False)
 
 
-class MuxSession(asyncio.Protocol):
+class MuxSession(asyncio.BufferedProtocol):
     """Runs the protocol over one asyncio transport (normally TLS) until either side ends it.
 
     Pass the session as the protocol when connecting (`loop.create_connection`,
@@ -571,12 +575,15 @@ class MuxSession(asyncio.Protocol):
         transport.set_write_buffer_limits(high=TUNNEL_HIGH_WATER)
         self._flush()  # our SETTINGS
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer()  # TLS decrypts large payloads straight into their frame
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self._done.is_set():
             return
-        self.bytes_in += len(data)
+        self.bytes_in += nbytes
         try:
-            events = self.conn.receive_data(data, _now())
+            events = self.conn.buffer_updated(nbytes, _now())
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error from peer: %s", self.name, exc)
             self._flush()
@@ -615,9 +622,12 @@ class MuxSession(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return  # not connected yet (connection_made flushes) or gone (nothing to do)
-        data = conn.data_to_send()
-        self.bytes_out += len(data)
-        transport.write(data)
+        self.bytes_out += conn.bytes_pending
+        chunks = conn.data_to_send_chunks()
+        if len(chunks) == 1:
+            transport.write(chunks[0])
+        else:
+            transport.writelines(chunks)  # large payloads are not joined (copied) first
 
     async def _wait_writable(self) -> None:
         """For anyio-side senders: wait while the tunnel's buffer is above its high-water mark."""

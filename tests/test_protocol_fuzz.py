@@ -78,6 +78,44 @@ def test_split_points_do_not_change_frames(frames: list[bytes], data: st.DataObj
     assert split == whole
 
 
+# DATA frames around the decoder's direct-read threshold and its scratch size.
+BIG_DATA = st.builds(
+    lambda s, n, fill: encode_frame(0, 0, s, bytes([fill]) * n),  # type: ignore[arg-type]
+    st.sampled_from([1, 2, 3]),
+    st.sampled_from([1, 4095, 4096, 4097, 16_371, 16_372, 16_384, 40_000]),
+    st.integers(0, 255),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(FRAME, BIG_DATA), max_size=8), st.data())
+def test_reads_into_the_decoders_buffers_give_the_same_frames(
+    frames: list[bytes], data: st.DataObject
+) -> None:
+    """The BufferedProtocol-style path (read into `get_buffer()`, any amount) equals `feed`,
+    and a frame's payload is never overwritten by what is read after it."""
+    stream = b"".join(frames)
+    try:
+        whole = [
+            (f.type, f.flags, f.stream_id, bytes(f.payload))
+            for f in FrameDecoder(1 << 20).feed(stream)
+        ]
+    except RemoteProtocolError:
+        return
+    decoder = FrameDecoder(1 << 20)
+    got = []
+    pos = 0
+    while pos < len(stream):
+        buffer = decoder.get_buffer()
+        assert len(buffer) > 0
+        n = min(len(buffer), len(stream) - pos, data.draw(st.integers(1, 50_000)))
+        buffer[:n] = stream[pos : pos + n]
+        pos += n
+        got += list(decoder.buffer_updated(n))
+    assert [(f.type, f.flags, f.stream_id, bytes(f.payload)) for f in got] == whole
+    assert decoder.buffered == 0
+
+
 ADDRESS_V4 = st.ip_addresses(v=4)
 PORT = st.integers(0, 65535)
 

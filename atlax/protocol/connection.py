@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import events as ev
@@ -44,6 +45,8 @@ MAX_PINGS_PER_SECOND = 100
 MAX_REFUSED_STREAMS = 1000
 
 
+# Payloads this large are written as they are rather than joined with their neighbours.
+_SEPARATE_WRITE = 16_384
 _FIN = int(Flag.FIN)  # plain int: IntFlag arithmetic is slow on the per-frame path
 
 
@@ -159,12 +162,32 @@ class Connection:
     # -- output ------------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        if not self._out:
-            return b""
-        data = b"".join(self._out)
-        self._out.clear()
+        return b"".join(self.data_to_send_chunks())
+
+    def data_to_send_chunks(self) -> list[bytes | memoryview]:
+        """What to write, as a list for `writelines`: small frames joined into one item (one TLS
+        record, one syscall), large payloads left as views of the data given to `send_data`, so
+        that data must not change until the transport has taken it."""
+        out = self._out
+        if not out:
+            return []
+        self._out = []
         self._out_bytes = 0
-        return data
+        if len(out) == 1:
+            return out
+        chunks: list[bytes | memoryview] = []
+        run: list[bytes | memoryview] = []
+        for item in out:
+            if len(item) >= _SEPARATE_WRITE:
+                if run:
+                    chunks.append(b"".join(run))
+                    run = []
+                chunks.append(item)
+            else:
+                run.append(item)
+        if run:
+            chunks.append(b"".join(run))
+        return chunks
 
     @property
     def bytes_pending(self) -> int:
@@ -281,16 +304,33 @@ class Connection:
 
     # -- input -------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes, now: float) -> list[ev.Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[ev.Event]:
         """Feed bytes read from the transport. Raises RemoteProtocolError if the peer broke a
         rule; GOAWAY with the error code is then queued and the connection is closed."""
         if self.state is ConnectionState.CLOSED:
             return []
-        if data:
+        return self._receive(self._decoder.feed(data), len(data), now)
+
+    def get_buffer(self) -> memoryview:
+        """A buffer for the transport to read into (never empty); then call `buffer_updated`.
+
+        The zero-copy twin of `receive_data`, shaped like asyncio's `BufferedProtocol`: a large
+        DATA payload is read into a buffer of its own that its `DataReceived` event carries.
+        """
+        return self._decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int, now: float) -> list[ev.Event]:
+        """`nbytes` were read into the last `get_buffer()`; same contract as `receive_data`."""
+        if self.state is ConnectionState.CLOSED:
+            return []
+        return self._receive(self._decoder.buffer_updated(nbytes), nbytes, now)
+
+    def _receive(self, frames: Iterator[Frame], nbytes: int, now: float) -> list[ev.Event]:
+        if nbytes:
             self._last_received = now
         events: list[ev.Event] = []
         try:
-            for frame in self._decoder.feed(data):
+            for frame in frames:
                 self._handle_frame(frame, now, events)
         except ProtocolError as exc:
             self.close(exc.error_code, str(exc.args[0]))

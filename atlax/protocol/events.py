@@ -28,7 +28,7 @@ class StreamOpened(Event):
 @dataclass(frozen=True, slots=True)
 class DataReceived(Event):
     stream_id: int
-    data: bytes
+    data: bytes | bytearray  # a bytearray when the frame was read into its own buffer
 
 
 @dataclass(frozen=True, slots=True)

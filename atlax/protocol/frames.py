@@ -23,6 +23,7 @@ MIN_MAX_FRAME_SIZE = 16_384
 MAX_MAX_FRAME_SIZE = 16_777_215
 ALPN = "atlax/1"
 
+Payload = bytes | bytearray  # a bytearray when the decoder read it into a buffer of its own
 _U32 = struct.Struct("!I")
 _GOAWAY = struct.Struct("!II")
 _SETTING = struct.Struct("!HI")
@@ -65,7 +66,7 @@ class Frame:
     type: FrameType
     flags: int
     stream_id: int
-    payload: bytes
+    payload: Payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,7 @@ def encode_header(type_: FrameType, flags: int, stream_id: int, length: int) -> 
     return HEADER.pack(stream_id, length, type_, flags, 0)
 
 
-def encode_frame(type_: FrameType, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+def encode_frame(type_: FrameType, flags: int, stream_id: int, payload: Payload = b"") -> bytes:
     return HEADER.pack(stream_id, len(payload), type_, flags, 0) + payload
 
 
@@ -157,12 +158,12 @@ def encode_u32(value: int) -> bytes:
 # -- decoding ------------------------------------------------------------------------------------
 
 
-def decode_u32(payload: bytes) -> int:
+def decode_u32(payload: Payload) -> int:
     value: int = _U32.unpack(payload)[0]
     return value
 
 
-def decode_settings(payload: bytes) -> Settings:
+def decode_settings(payload: Payload) -> Settings:
     default = Settings()
     values = {
         SettingId.INITIAL_WINDOW: default.initial_window,
@@ -188,7 +189,7 @@ class OpenRequest:
     proxy_protocol: int | None = None
 
 
-def decode_open_payload(payload: bytes) -> OpenRequest:
+def decode_open_payload(payload: Payload) -> OpenRequest:
     if not payload:
         raise RemoteProtocolError("OPEN without a service name")
     end = 1 + payload[0]
@@ -219,7 +220,7 @@ def decode_open_payload(payload: bytes) -> OpenRequest:
     return OpenRequest(service, origin, proxy_protocol)
 
 
-def _decode_origin(value: bytes) -> Origin:
+def _decode_origin(value: Payload) -> Origin:
     sizes = {4: 4, 6: 16}
     if not value or value[0] not in sizes or len(value) != 1 + 2 * (sizes[value[0]] + 2):
         raise RemoteProtocolError("OPEN ORIGIN option is malformed")
@@ -232,7 +233,7 @@ def _decode_origin(value: bytes) -> Origin:
     return Origin(src, src_port, dst, dst_port)
 
 
-def decode_goaway_payload(payload: bytes) -> tuple[int, int, str]:
+def decode_goaway_payload(payload: Payload) -> tuple[int, int, str]:
     last_stream_id, code = _GOAWAY.unpack_from(payload)
     if last_stream_id > MAX_STREAM_ID:
         raise RemoteProtocolError("GOAWAY last stream id has the reserved bit set")
@@ -243,40 +244,109 @@ def decode_goaway_payload(payload: bytes) -> tuple[int, int, str]:
     return last_stream_id, code, message
 
 
+# A payload at least this long is read straight into a buffer of its own, so a large DATA frame
+# is never copied between the transport and the application; shorter frames are cut out of a
+# small scratch buffer that must hold one such frame plus a header.
+DIRECT_PAYLOAD = 4096
+SCRATCH_SIZE = 16_384
+
+
 class FrameDecoder:
-    """Splits a byte stream into frames, checking what one frame alone can violate."""
+    """Splits a byte stream into frames, checking what one frame alone can violate.
+
+    Two ways to feed it: `feed(data)` with bytes read elsewhere, or, like asyncio's
+    `BufferedProtocol`, `get_buffer()` then `buffer_updated(n)` once `n` bytes were written into
+    that buffer. The second lets a transport (TLS) decrypt a large payload into the very
+    `bytearray` that the resulting frame carries. A payload buffer is never reused, so a caller
+    may hand it on (to a socket's write buffer) and keep it as long as it likes.
+    """
 
     def __init__(self, max_frame_size: int = MIN_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
-        self._buffer = bytearray()
+        self._scratch = bytearray(SCRATCH_SIZE)
+        self._view = memoryview(self._scratch)
+        self._start = 0  # unparsed bytes are _scratch[_start:_end]
+        self._end = 0
+        self._header: tuple[FrameType, int, int] | None = None  # of the payload being read
+        self._payload = bytearray()
+        self._filled = 0
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return self._end - self._start + self._filled
 
-    def feed(self, data: bytes) -> Iterator[Frame]:
-        """Yield every complete frame in the buffered bytes plus `data`.
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes go: never empty, and never past the end of a large payload."""
+        if self._header is not None:
+            return memoryview(self._payload)[self._filled :]
+        if self._start:
+            n = self._end - self._start  # < HEADER_SIZE + DIRECT_PAYLOAD: a cheap move
+            self._scratch[:n] = bytes(self._view[self._start : self._end])
+            self._start, self._end = 0, n
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> Iterator[Frame]:
+        """`nbytes` were written at the start of the last `get_buffer()`: yield complete frames.
 
         Raises RemoteProtocolError on the first invalid header; bytes after it are never read.
         """
-        buf = self._buffer
-        buf += data
-        pos = 0
-        end = len(buf)
-        view = memoryview(buf)
+        header = self._header
+        if header is not None:
+            self._filled += nbytes
+            if self._filled == len(self._payload):
+                payload, self._payload, self._header, self._filled = (
+                    self._payload,
+                    bytearray(),
+                    None,
+                    0,
+                )
+                yield Frame(header[0], header[1], header[2], payload)
+            return
+        self._end += nbytes
+        yield from self._parse()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Frame]:
+        """Yield every complete frame in the buffered bytes plus `data` (copied in once)."""
+        view = memoryview(data).cast("B")
+        pos, end = 0, len(view)
+        while pos < end:
+            buffer = self.get_buffer()
+            n = min(len(buffer), end - pos)
+            buffer[:n] = view[pos : pos + n]
+            pos += n
+            yield from self.buffer_updated(n)
+
+    def _parse(self) -> Iterator[Frame]:
+        buf, view = self._scratch, self._view
+        pos, end = self._start, self._end
         try:
             while end - pos >= HEADER_SIZE:
                 stream_id, length, raw_type, flags, reserved = HEADER.unpack_from(buf, pos)
                 type_ = self._check_header(stream_id, length, raw_type, reserved)
-                if end - pos - HEADER_SIZE < length:
-                    break
                 start = pos + HEADER_SIZE
-                payload = bytes(view[start : start + length])  # one copy, not two
+                if length >= DIRECT_PAYLOAD:
+                    have = min(end - start, length)
+                    payload = bytearray(length)
+                    payload[:have] = view[start : start + have]
+                    pos = start + have
+                    if have == length:
+                        yield Frame(type_, flags, stream_id, payload)
+                        continue
+                    self._header, self._payload, self._filled = (
+                        (type_, flags, stream_id),
+                        payload,
+                        have,
+                    )
+                    break
+                if end - start < length:
+                    break
                 pos = start + length
-                yield Frame(type_, flags, stream_id, payload)
+                yield Frame(type_, flags, stream_id, bytes(view[start:pos]))
         finally:
-            view.release()
-            del buf[:pos]
+            if pos == end:
+                self._start = self._end = 0
+            else:
+                self._start = pos
 
     def _check_header(self, stream_id: int, length: int, raw_type: int, reserved: int) -> FrameType:
         if stream_id > MAX_STREAM_ID or reserved:
