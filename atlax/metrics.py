@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import anyio
 import anyio.abc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from .http import Request, Response, serve_http_connection
 
@@ -34,12 +36,8 @@ class RelayMetrics:
             ["agent", "service"],
             registry=r,
         )
-        self.bytes_total = Counter(
-            "atlax_bytes",
-            "Stream payload bytes, per agent, service and direction (to_agent, from_agent).",
-            ["agent", "service", "direction"],
-            registry=r,
-        )
+        self._bytes: dict[tuple[str, str], ByteCounter] = {}
+        r.register(_ByteCollector(self._bytes))
         self.handshake_failures = Counter(
             "atlax_handshake_failures",
             "Agent connections refused before a tunnel was up, by reason.",
@@ -59,6 +57,40 @@ class RelayMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
+
+    def byte_counter(self, agent: str, service: str) -> ByteCounter:
+        """The `atlax_bytes_total` counts of one agent's service (shared by its streams)."""
+        counter = self._bytes.get((agent, service))
+        if counter is None:
+            counter = self._bytes[agent, service] = ByteCounter()
+        return counter
+
+
+class ByteCounter:
+    """Payload bytes of one service, both ways. Plain ints, read when scraped: they change on
+    every read of every stream, and a prometheus_client Counter takes a lock per `inc`."""
+
+    __slots__ = ("from_agent", "to_agent")
+
+    def __init__(self) -> None:
+        self.to_agent = 0
+        self.from_agent = 0
+
+
+class _ByteCollector(Collector):
+    def __init__(self, counters: dict[tuple[str, str], ByteCounter]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "atlax_bytes",
+            "Stream payload bytes, per agent, service and direction (to_agent, from_agent).",
+            labels=["agent", "service", "direction"],
+        )
+        for (agent, service), counter in list(self._counters.items()):
+            family.add_metric([agent, service, "to_agent"], counter.to_agent)
+            family.add_metric([agent, service, "from_agent"], counter.from_agent)
+        yield family
 
 
 class RateLimitedLog:

@@ -450,6 +450,7 @@ class MuxSession(asyncio.BufferedProtocol):
         self._pending: list[MuxStream] = []  # accepted before run() started
         self._ready = anyio.Event()
         self._done = anyio.Event()
+        self._stopped = False  # = _done.is_set(), without two calls on every read
         self._lost = anyio.Event()
         self._drained: anyio.Event | None = None
         self._write_paused = False
@@ -548,6 +549,7 @@ class MuxSession(asyncio.BufferedProtocol):
                 tg.cancel_scope.cancel()
         finally:
             self._tg = None
+            self._stopped = True
             self._done.set()
             failure = TunnelClosedError(self.error or f"{self.name} closed")
             for stream in list(self._streams.values()):
@@ -579,7 +581,7 @@ class MuxSession(asyncio.BufferedProtocol):
         return self.conn.get_buffer()  # TLS decrypts large payloads straight into their frame
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._done.is_set():
+        if self._stopped:
             return
         self.bytes_in += nbytes
         try:
@@ -756,4 +758,5 @@ class MuxSession(asyncio.BufferedProtocol):
     def _stop(self, error: str | None) -> None:
         if self.error is None and error is not None:
             self.error = error
+        self._stopped = True
         self._done.set()

@@ -106,7 +106,7 @@ class _PublicConnection(StreamObserver):
     """Accounting for one public connection, counted in here and counted out in `closed`:
     bytes, stream counters and gauge, the port's connections per source."""
 
-    __slots__ = ("_binding", "_from_agent", "_open", "_source", "_state", "_stream", "_to_agent")
+    __slots__ = ("_binding", "_bytes", "_open", "_source", "_state", "_stream")
 
     def __init__(
         self,
@@ -121,8 +121,7 @@ class _PublicConnection(StreamObserver):
         self._state = state
         self._stream = stream
         self._source = source
-        self._to_agent = metrics.bytes_total.labels(state.name, service, "to_agent")
-        self._from_agent = metrics.bytes_total.labels(state.name, service, "from_agent")
+        self._bytes = metrics.byte_counter(state.name, service)
         self._open = metrics.streams_open.labels(state.name)
         self._open.inc()
         metrics.streams_total.labels(state.name, service).inc()
@@ -133,11 +132,11 @@ class _PublicConnection(StreamObserver):
 
     def sent(self, n: int) -> None:
         self._state.bytes_to_agent += n
-        self._to_agent.inc(n)
+        self._bytes.to_agent += n
 
     def received(self, n: int) -> None:
         self._state.bytes_from_agent += n
-        self._from_agent.inc(n)
+        self._bytes.from_agent += n
 
     def closed(self, ok: bool) -> None:
         binding = self._binding

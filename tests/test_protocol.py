@@ -196,6 +196,22 @@ def test_malformed_frames_close_the_connection(frame: bytes, code: ErrorCode) ->
     assert client.receive_data(b"more garbage", now=0.0) == []
 
 
+def test_a_bad_header_read_into_the_decoders_buffer_queues_goaway() -> None:
+    """The zero-copy read path fails like receive_data: typed error, GOAWAY queued, closed."""
+    client = _raw_server_to_client(_open(2))
+    client.data_to_send()
+    oversized = encode_frame(FrameType.DATA, 0, 2, b"")[:4] + (2**24).to_bytes(4, "big") + bytes(4)
+    buffer = client.get_buffer()
+    buffer[: len(oversized)] = oversized
+    with pytest.raises(RemoteProtocolError) as info:
+        client.buffer_updated(len(oversized), now=0.0)
+    assert info.value.error_code is ErrorCode.FRAME_SIZE_ERROR
+    sent = list(FrameDecoder().feed(client.data_to_send()))
+    assert [f.type for f in sent] == [FrameType.GOAWAY]
+    assert int.from_bytes(sent[0].payload[4:8], "big") == ErrorCode.FRAME_SIZE_ERROR
+    assert client.buffer_updated(0, now=0.0) == []
+
+
 def test_data_after_fin_and_on_closed_streams_is_stream_closed() -> None:
     client = _raw_server_to_client(_open(2), encode_frame(FrameType.DATA, 1, 2, b""))
     with pytest.raises(RemoteProtocolError) as info:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import enum
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from . import events as ev
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError, error_name
 from .flow import ReceiveWindow, SendWindow
 from .frames import (
+    HEADER,
     MAX_STREAM_ID,
     Flag,
     Frame,
@@ -47,7 +49,8 @@ MAX_REFUSED_STREAMS = 1000
 
 # Payloads this large are written as they are rather than joined with their neighbours.
 _SEPARATE_WRITE = 16_384
-_FIN = int(Flag.FIN)  # plain int: IntFlag arithmetic is slow on the per-frame path
+_FIN = int(Flag.FIN)
+_DATA = int(FrameType.DATA)  # plain int: IntFlag arithmetic is slow on the per-frame path
 
 
 class Role(enum.Enum):
@@ -224,17 +227,23 @@ class Connection:
             raise LocalProtocolError(f"stream {stream_id} was already half-closed by this side")
         length = len(data)
         stream.send.spend(length)
-        view = memoryview(data)
         step = self.max_outbound_frame()
-        for offset in range(0, length, step):
-            chunk = view[offset : offset + step]
-            last = offset + step >= length
-            flags = _FIN if (end_stream and last) else 0
-            self._emit(encode_header(FrameType.DATA, flags, stream_id, len(chunk)))
-            self._emit(chunk)
-        if end_stream:
-            if length == 0:
+        if 0 < length < _SEPARATE_WRITE and length <= step:  # the common small write: one item
+            flags = _FIN if end_stream else 0
+            frame = HEADER.pack(stream_id, length, _DATA, flags, 0) + data
+            self._out.append(frame)
+            self._out_bytes += len(frame)
+        else:
+            view = memoryview(data)
+            for offset in range(0, length, step):
+                chunk = view[offset : offset + step]
+                last = offset + step >= length
+                flags = _FIN if (end_stream and last) else 0
+                self._emit(encode_header(FrameType.DATA, flags, stream_id, len(chunk)))
+                self._emit(chunk)
+            if end_stream and length == 0:
                 self._emit(encode_header(FrameType.DATA, Flag.FIN, stream_id, 0))
+        if end_stream:
             self._close_local(stream)
 
     def end_stream(self, stream_id: int) -> None:
@@ -323,9 +332,13 @@ class Connection:
         """`nbytes` were read into the last `get_buffer()`; same contract as `receive_data`."""
         if self.state is ConnectionState.CLOSED:
             return []
-        return self._receive(self._decoder.buffer_updated(nbytes), nbytes, now)
+        try:
+            frames = self._decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self._fail(exc)
+        return self._receive(frames, nbytes, now)
 
-    def _receive(self, frames: Iterator[Frame], nbytes: int, now: float) -> list[ev.Event]:
+    def _receive(self, frames: Iterable[Frame], nbytes: int, now: float) -> list[ev.Event]:
         if nbytes:
             self._last_received = now
         events: list[ev.Event] = []
@@ -333,12 +346,16 @@ class Connection:
             for frame in frames:
                 self._handle_frame(frame, now, events)
         except ProtocolError as exc:
-            self.close(exc.error_code, str(exc.args[0]))
-            self.state = ConnectionState.CLOSED
-            if isinstance(exc, LocalProtocolError):  # an internal check tripped on peer input
-                raise RemoteProtocolError(str(exc.args[0]), exc.error_code) from exc
-            raise
+            self._fail(exc)
         return events
+
+    def _fail(self, exc: ProtocolError) -> NoReturn:
+        """The peer broke a rule: queue GOAWAY with the error, close, and raise."""
+        self.close(exc.error_code, str(exc.args[0]))
+        self.state = ConnectionState.CLOSED
+        if isinstance(exc, LocalProtocolError):  # an internal check tripped on peer input
+            raise RemoteProtocolError(str(exc.args[0]), exc.error_code) from exc
+        raise exc
 
     def _handle_frame(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
         if self.peer_settings is None:
@@ -419,19 +436,20 @@ class Connection:
             events.append(ev.StreamEnded(stream_id))
 
     def _on_data(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
-        fin = bool(frame.flags & _FIN)
-        if not frame.payload and not fin:
+        payload = frame.payload
+        fin = frame.flags & _FIN
+        if not payload and not fin:
             raise RemoteProtocolError("empty DATA frame without FIN")
-        stream = self._stream_for_frame(frame)
+        stream = self._streams.get(frame.stream_id) or self._stream_for_frame(frame)
         if stream is None:
             return
         if stream.remote_closed:
             raise RemoteProtocolError(
                 f"DATA on stream {frame.stream_id} after its FIN", ErrorCode.STREAM_CLOSED
             )
-        stream.recv.received(len(frame.payload))
-        if frame.payload:
-            events.append(ev.DataReceived(frame.stream_id, frame.payload))
+        if payload:
+            stream.recv.received(len(payload))
+            events.append(ev.DataReceived(frame.stream_id, payload))
         if fin:
             events.append(ev.StreamEnded(frame.stream_id))
             stream.remote_closed = True
