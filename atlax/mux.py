@@ -63,7 +63,12 @@ log = logging.getLogger("atlax.mux")
 # into relative sleeps, so any monotonic clock will do.
 _now = time.monotonic
 # The tunnel transport asks its writers to pause above this many queued bytes.
-TUNNEL_HIGH_WATER = 4 * 1024 * 1024
+TUNNEL_HIGH_WATER = 2 * 1024 * 1024
+# A socket read takes up to 256 KiB (uvloop's read buffer): a stream reads only with that much
+# credit left (or half the window, if the peer's window is smaller).
+READ_CREDIT = 256 * 1024
+# A stream that read within this many pauses of the tunnel counts as reading (see pause_writing).
+RECENT_PAUSES = 8
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 StreamHandler = Callable[["MuxStream"], Awaitable[None]]
@@ -158,6 +163,7 @@ class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):
         self._backlog: memoryview | None = None  # read from the socket, waiting for credit
         self._eof_pending = False  # the socket's EOF waits behind the backlog
         self._blocked = False  # reading paused while the tunnel's buffer is full
+        self._read_at = 0  # the session's pause count at this stream's last read
         self._finished = False
 
     @property
@@ -271,6 +277,7 @@ class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):
             return
         if self.preamble:
             transport.write(self.preamble)
+        self._session._readers.add(self)  # a new socket may read at any moment
         chunks, self._chunks, self._buffered = self._chunks or (), None, 0
         for chunk in chunks:  # what arrived while the socket was connecting
             self._feed(chunk)
@@ -282,16 +289,15 @@ class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):
         if self._finished:
             return
         self.observer.sent(len(data))
+        session = self._session
+        session._readers.add(self)
+        self._read_at = session._pauses
         if self._backlog is not None:  # cannot happen after pause_reading; be safe anyway
             data = bytes(self._backlog) + data
             self._backlog = None
-        self._send_from_socket(memoryview(data))
-        session = self._session
-        session._flush()
-        if session._write_paused and not self._blocked and self._transport is not None:
-            self._blocked = True
-            self._transport.pause_reading()
-            session._blocked.append(self)
+        self._send_from_socket(data)
+        session._flush()  # if that fills the tunnel, pause_writing stops every recent reader
+        self._update_reading()
 
     def eof_received(self) -> bool:
         if self._backlog is not None:
@@ -310,22 +316,18 @@ class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):
         self._credit_drained()
         self._session._flush()
 
-    def _send_from_socket(self, view: memoryview) -> None:
+    def _send_from_socket(self, data: bytes | memoryview) -> None:
         conn = self._session.conn
-        n = min(conn.send_window(self.stream_id), len(view))
+        size = len(data)
+        n = min(conn.send_window(self.stream_id), size)
         if n:
             try:
-                conn.send_data(self.stream_id, view[:n] if n < len(view) else view)
+                conn.send_data(self.stream_id, data if n == size else memoryview(data)[:n])
             except LocalProtocolError:  # reset or the tunnel closed under us
                 self._finish(ok=False)
                 return
             self.bytes_sent += n
-        if n < len(view):
-            self._backlog = view[n:]
-            if self._transport is not None and not self._blocked:
-                self._transport.pause_reading()
-        else:
-            self._backlog = None
+        self._backlog = memoryview(data)[n:] if n < size else None
 
     def _send_fin(self) -> None:
         self._local_eof = True
@@ -353,6 +355,7 @@ class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):
             return
         self._finished = True
         self._backlog = None
+        self._session._forget_reader(self)
         if not ok:
             if not self._closed:
                 self._closed = True
@@ -400,20 +403,40 @@ class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):
     def _on_window(self) -> None:
         if self._writable is not None:
             self._writable.set()
-        backlog = self._backlog
-        if backlog is None or self._finished:
+        if self._finished:
             return
-        self._send_from_socket(backlog)
-        if self._backlog is None:
-            if self._eof_pending:
+        backlog = self._backlog
+        if backlog is not None:
+            self._send_from_socket(backlog)
+            if self._backlog is None and self._eof_pending:
                 self._send_fin()
-            elif not self._blocked and self._transport is not None:
-                self._transport.resume_reading()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read from the socket only when the tunnel can take a whole read at once: its buffer
+        is below the high-water mark, nothing waits for credit, and the credit left covers
+        a read. So a read never waits in memory, and a full tunnel stops every reader."""
+        transport = self._transport
+        if transport is None or self._finished:
+            return
+        session = self._session
+        if session._write_paused and not self._blocked:
+            self._blocked = True  # until resume_writing
+            session._blocked.append(self)
+        pause = (
+            self._blocked
+            or self._backlog is not None
+            or session.conn.send_window(self.stream_id) < session._read_credit
+        )
+        if pause == transport.is_reading():  # uvloop starts reading after connection_made
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     def _unblock(self) -> None:
         self._blocked = False
-        if self._backlog is None and not self._finished and self._transport is not None:
-            self._transport.resume_reading()
+        self._update_reading()
 
     def _fail(self, error: BrokenResourceError) -> None:
         if self._error is None:
@@ -455,6 +478,13 @@ class MuxSession(asyncio.BufferedProtocol):
         self._drained: anyio.Event | None = None
         self._write_paused = False
         self._blocked: list[MuxStream] = []  # streams that paused their socket for us
+        # Who may read while the tunnel is paused, so that pause_writing stops them all at once
+        # without visiting every idle stream: streams that connected or read since the last
+        # pause, and those resumed at the last resume that read in the last few pauses.
+        self._readers: set[MuxStream] = set()
+        self._resumed: set[MuxStream] = set()
+        self._pauses = 0
+        self._read_credit = READ_CREDIT  # a stream reads only with this much credit left
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = False
         self.goaway: GoAwayReceived | None = None
@@ -607,6 +637,11 @@ class MuxSession(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._pauses += 1
+        readers, resumed = self._readers, self._resumed
+        self._readers, self._resumed = set(), set()
+        for stream in readers | resumed:  # at once: each would add one more read to the buffer
+            stream._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -643,6 +678,15 @@ class MuxSession(asyncio.BufferedProtocol):
         blocked, self._blocked = self._blocked, []
         for stream in blocked:
             stream._unblock()
+        # Streams that read lately go on reading: the next pause must stop them too, even if
+        # they get no read in before it. One that stopped reading drops out after a few pauses,
+        # so idle streams are not visited on every pause.
+        pauses = self._pauses
+        self._resumed = {s for s in blocked if pauses - s._read_at <= RECENT_PAUSES}
+
+    def _forget_reader(self, stream: MuxStream) -> None:
+        self._readers.discard(stream)
+        self._resumed.discard(stream)
 
     async def _timer(self) -> None:
         while True:
@@ -681,6 +725,7 @@ class MuxSession(asyncio.BufferedProtocol):
                     stream._fail(StreamResetError(event.stream_id, event.error_code, event.remote))
                 self._maybe_finish_drain()
             elif isinstance(event, SettingsReceived):
+                self._read_credit = min(READ_CREDIT, event.settings.initial_window // 2)
                 self._ready.set()
             elif isinstance(event, PongReceived):
                 if self.on_pong is not None:

@@ -344,7 +344,10 @@ class Connection:
         events: list[ev.Event] = []
         try:
             for frame in frames:
-                self._handle_frame(frame, now, events)
+                if self.peer_settings is None:
+                    self._handle_settings(frame, events)
+                else:
+                    _HANDLERS[frame.type](self, frame, now, events)
         except ProtocolError as exc:
             self._fail(exc)
         return events
@@ -357,15 +360,11 @@ class Connection:
             raise RemoteProtocolError(str(exc.args[0]), exc.error_code) from exc
         raise exc
 
-    def _handle_frame(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
-        if self.peer_settings is None:
-            if frame.type is not FrameType.SETTINGS:
-                raise RemoteProtocolError(f"first frame must be SETTINGS, got {frame.type.name}")
-            self.peer_settings = decode_settings(frame.payload)
-            events.append(ev.SettingsReceived(self.peer_settings))
-            return
-        handler = _HANDLERS[frame.type]
-        handler(self, frame, now, events)
+    def _handle_settings(self, frame: Frame, events: list[ev.Event]) -> None:
+        if frame.type is not FrameType.SETTINGS:
+            raise RemoteProtocolError(f"first frame must be SETTINGS, got {frame.type.name}")
+        self.peer_settings = decode_settings(frame.payload)
+        events.append(ev.SettingsReceived(self.peer_settings))
 
     def _on_settings(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
         raise RemoteProtocolError("SETTINGS may be sent only once")

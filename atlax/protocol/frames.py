@@ -318,7 +318,15 @@ class FrameDecoder:
         try:
             while end - pos >= HEADER_SIZE:
                 stream_id, length, raw_type, flags, reserved = HEADER.unpack_from(buf, pos)
-                type_ = self._check_header(stream_id, length, raw_type, reserved)
+                if (
+                    raw_type == 0  # DATA, the common case: its checks without a call
+                    and 0 < stream_id <= MAX_STREAM_ID
+                    and not reserved
+                    and length <= self.max_frame_size
+                ):
+                    type_ = FrameType.DATA
+                else:
+                    type_ = self._check_header(stream_id, length, raw_type, reserved)
                 start = pos + HEADER_SIZE
                 if length >= DIRECT_PAYLOAD:
                     have = min(end - start, length)
