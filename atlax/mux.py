@@ -128,6 +128,35 @@ def abort_transport(transport: asyncio.Transport) -> None:
 class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):
     """One multiplexed TCP connection: an anyio byte stream, or the protocol of a socket."""
 
+    # Slots: a relay may hold tens of thousands of idle streams.
+    __slots__ = (
+        "_acked",
+        "_backlog",
+        "_blocked",
+        "_buffered",
+        "_chunks",
+        "_closed",
+        "_eof_pending",
+        "_error",
+        "_finished",
+        "_local_eof",
+        "_read_at",
+        "_readable",
+        "_remote_eof",
+        "_session",
+        "_transport",
+        "_writable",
+        "_written",
+        "bytes_received",
+        "bytes_sent",
+        "observer",
+        "origin",
+        "preamble",
+        "proxy_protocol",
+        "service",
+        "stream_id",
+    )
+
     def __init__(
         self,
         session: MuxSession,
@@ -146,9 +175,8 @@ class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):
         # Spliced mode: set before the socket connects.
         self.preamble = b""  # written to the socket before anything from the tunnel
         self.observer = _NO_OBSERVER
-        self._chunks: deque[bytes | bytearray] | None = (
-            None  # received, not yet read or given to a socket
-        )
+        # Received, not yet read or given to a socket.
+        self._chunks: deque[bytes | bytearray] | None = None
         self._buffered = 0
         self._remote_eof = False
         self._local_eof = False
@@ -540,7 +568,8 @@ class MuxSession(asyncio.BufferedProtocol):
         if not self.can_open_stream:
             raise TunnelClosedError(f"{self.name} cannot open streams now")
         stream_id = self.conn.open_stream(service, origin, proxy_protocol)
-        stream = MuxStream(self, stream_id, service, origin, proxy_protocol)
+        # The origin went out in the OPEN frame: the opening side need not keep it.
+        stream = MuxStream(self, stream_id, service, None, proxy_protocol)
         self._streams[stream_id] = stream
         self.streams_total += 1
         self._flush()
