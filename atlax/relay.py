@@ -23,7 +23,9 @@ import anyio.abc
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 from anyio.abc import SocketAttribute
 
+from . import heap
 from .config import AgentSpec, RelaySettings, ServiceSpec
+from .heap import HeapTrimmer
 from .metrics import MetricsServer, RateLimitedLog, RelayMetrics
 from .mux import MuxSession, MuxStream, StreamObserver, TunnelClosedError, reset_on_close
 from .protocol import (
@@ -212,6 +214,7 @@ class Relay:
                 for sock in self._listeners:
                     tg.start_soon(accept_sockets, sock, self._spawn_agent)
                 tg.start_soon(self._watch_tls_files)
+                tg.start_soon(self._trim_heap_after_bursts)
                 self.ready.set()
                 task_status.started()
         finally:
@@ -254,6 +257,15 @@ class Relay:
                 continue
             seen = current
             log.info("reloaded the relay certificate and CA from disk")
+
+    async def _trim_heap_after_bursts(self) -> None:
+        trimmer = HeapTrimmer(self._bytes_moved)
+        while trimmer.available:
+            await anyio.sleep(heap.INTERVAL)
+            trimmer.tick()
+
+    def _bytes_moved(self) -> int:
+        return sum(a.bytes_to_agent + a.bytes_from_agent for a in self._agents.values())
 
     async def shutdown(self, grace: float | None = None) -> None:
         """GOAWAY to every agent, stop accepting, let open streams finish within `grace`."""
