@@ -2,7 +2,9 @@
 
 Runs Atlax, `ssh -R` and the direct path side by side on 127.0.0.1, metric by metric (each metric
 measured on every path before the next metric), prints a table with the ratio Atlax / ssh -R,
-and writes JSON and a PNG chart of the ratios.
+and writes JSON and a PNG chart of the ratios. Throughput and round trips are measured in
+rounds that take turns between the paths, so a slow second of a shared machine does not land
+on one path only.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from .harness import (
     Ports,
     connect_ms,
     idle_streams_rss,
+    percentile,
     raise_fd_limit,
-    rtt_us,
+    rtt_samples,
     stalled_neighbour_ratio,
     throughput,
 )
@@ -38,6 +41,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "idle_10k_rss_mb": ("MB", "lower"),
     "stalled_neighbour_ratio": ("ratio", "higher"),
 }
+
+ROUNDS = 4  # throughput and round trips: each path's share is split into this many turns
 
 SIZES = {
     # bytes for throughput_1, bytes for throughput_100, RTT samples, connect samples, idle streams
@@ -63,16 +68,23 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
         order = ["atlax", "ssh_r", "direct"]
         for path in order:  # warm up every path once
             throughput(paths[path].sink, 8 << 20)
-        log(f"throughput, 1 stream, {one >> 20} MiB ...")
+        for name, size, streams in (("throughput_1", one, 1), ("throughput_100", hundred, 100)):
+            log(f"throughput, {streams} stream(s), {size >> 20} MiB in {ROUNDS} turns ...")
+            seconds = dict.fromkeys(order, 0.0)
+            for _ in range(ROUNDS):
+                for path in order:
+                    share = size // ROUNDS
+                    seconds[path] += share / 1e6 / throughput(paths[path].sink, share, streams)
+            for path in order:
+                results[name][path] = size / 1e6 / seconds[path]
+        log(f"64-byte round trips x{rtt_n} in {ROUNDS} turns ...")
+        samples: dict[str, list[float]] = {path: [] for path in order}
+        for _ in range(ROUNDS):
+            for path in order:
+                samples[path] += rtt_samples(paths[path].echo, rtt_n // ROUNDS)
         for path in order:
-            results["throughput_1"][path] = throughput(paths[path].sink, one)
-        log(f"throughput, 100 streams, {hundred >> 20} MiB in all ...")
-        for path in order:
-            results["throughput_100"][path] = throughput(paths[path].sink, hundred, 100)
-        log(f"64-byte round trips x{rtt_n} ...")
-        for path in order:
-            p50, p99 = rtt_us(paths[path].echo, rtt_n)
-            results["rtt_p50_us"][path], results["rtt_p99_us"][path] = p50, p99
+            results["rtt_p50_us"][path] = percentile(samples[path], 50)
+            results["rtt_p99_us"][path] = percentile(samples[path], 99)
         log(f"connect to first byte x{connect_n} ...")
         for path in order:
             p50, p99 = connect_ms(paths[path].echo, connect_n)

@@ -299,7 +299,8 @@ def throughput(port: int, total: int, streams: int = 1) -> float:
     return per * streams / elapsed / 1e6
 
 
-def rtt_us(port: int, count: int) -> tuple[float, float]:
+def rtt_samples(port: int, count: int) -> list[float]:
+    """Round trips (µs) of a 64-byte message through an echo, on one connection."""
     samples = []
     message = b"m" * 64
     with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -311,7 +312,7 @@ def rtt_us(port: int, count: int) -> tuple[float, float]:
             while got < 64:
                 got += len(sock.recv(64 - got))
             samples.append((time.perf_counter() - start) * 1e6)
-    return _p(samples, 50), _p(samples, 99)
+    return samples
 
 
 def connect_ms(port: int, count: int) -> tuple[float, float]:
@@ -324,10 +325,10 @@ def connect_ms(port: int, count: int) -> tuple[float, float]:
             if sock.recv(1) != b"x":
                 raise BenchError("echo answered nothing")
             samples.append((time.perf_counter() - start) * 1e3)
-    return _p(samples, 50), _p(samples, 99)
+    return percentile(samples, 50), percentile(samples, 99)
 
 
-def _p(samples: list[float], pct: int) -> float:
+def percentile(samples: list[float], pct: int) -> float:
     if len(samples) < 2:
         return samples[0]
     return statistics.quantiles(samples, n=100, method="inclusive")[pct - 1]
