@@ -49,8 +49,9 @@ MAX_REFUSED_STREAMS = 1000
 
 # Payloads this large are written as they are rather than joined with their neighbours.
 _SEPARATE_WRITE = 16_384
+# Plain ints: enum arithmetic and calls are slow on the per-frame path.
 _FIN = int(Flag.FIN)
-_DATA = int(FrameType.DATA)  # plain int: IntFlag arithmetic is slow on the per-frame path
+_DATA = int(FrameType.DATA)
 
 
 class Role(enum.Enum):
