@@ -25,7 +25,6 @@ from anyio.abc import SocketAttribute
 
 from . import heap
 from .config import AgentSpec, RelaySettings, ServiceSpec
-from .heap import HeapTrimmer
 from .metrics import MetricsServer, RateLimitedLog, RelayMetrics
 from .mux import MuxSession, MuxStream, StreamObserver, TunnelClosedError, reset_on_close
 from .protocol import (
@@ -259,7 +258,7 @@ class Relay:
             log.info("reloaded the relay certificate and CA from disk")
 
     async def _trim_heap_after_bursts(self) -> None:
-        trimmer = HeapTrimmer(self._bytes_moved)
+        trimmer = heap.HeapTrimmer(self._bytes_moved)
         while trimmer.available:
             await anyio.sleep(heap.INTERVAL)
             trimmer.tick()
