@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import anyio.abc
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
-from anyio.abc import SocketAttribute
+from anyio.abc import SocketListener
 
 from . import heap
 from .config import AgentSpec, RelaySettings, ServiceSpec
@@ -199,10 +199,11 @@ class Relay:
                 for spec in self._initial:
                     await self.apply_agent(spec)
                 if s.metrics is not None:
-                    metrics_listeners = await _listen(s.metrics.host, s.metrics.port)
+                    socks = await listen_sockets(s.metrics.host, s.metrics.port)
+                    listeners = [await SocketListener.from_socket(sock) for sock in socks]
                     server = MetricsServer(self.metrics, self.readiness)
-                    await tg.start(server.serve, metrics_listeners)
-                    log.info("metrics and health on %s", _fmt(_address(metrics_listeners[0])))
+                    await tg.start(server.serve, listeners)
+                    log.info("metrics and health on %s", _fmt(_sock_address(socks[0])))
                 if s.control_socket is not None:
                     from .control import ControlServer
 
@@ -631,17 +632,6 @@ async def accept_sockets(
             except Exception:
                 log.exception("internal error handling a connection; closed it")
                 client.close()
-
-
-async def _listen(host: str, port: int) -> list[anyio.abc.SocketListener]:
-    multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
-    return [lst for lst in multi.listeners if isinstance(lst, anyio.abc.SocketListener)]
-
-
-def _address(listener: anyio.abc.SocketListener) -> tuple[str, int]:
-    address = listener.extra(SocketAttribute.local_address)
-    assert isinstance(address, tuple)
-    return str(address[0]), int(address[1])
 
 
 async def accept_loop(
