@@ -17,7 +17,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import anyio
 import anyio.abc
-from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
+from anyio import BrokenResourceError
 from proxyprotocol.result import (
     ProxyResult,
     ProxyResultIPv4,
@@ -113,7 +113,7 @@ class Agent:
             raise TunnelDownError(f"connecting timed out after {s.connect_timeout:g}s") from None
         except ssl.SSLCertVerificationError as exc:
             raise TunnelDownError(f"relay certificate rejected: {exc.verify_message}") from None
-        except (OSError, ssl.SSLError, BrokenResourceError, EndOfStream, EOFError) as exc:
+        except (OSError, ssl.SSLError, EOFError) as exc:
             raise TunnelDownError(_describe(exc)) from None
         tls = transport.get_extra_info("ssl_object")
         if tls is None or tls.selected_alpn_protocol() != ALPN:
@@ -211,7 +211,7 @@ def _describe(exc: BaseException) -> str:
         return exc.strerror
     if isinstance(exc, ExceptionGroup):
         return "; ".join(sorted({_describe(e) for e in exc.exceptions}))
-    if isinstance(exc, (EndOfStream, ClosedResourceError)):
+    if isinstance(exc, (ConnectionError, EOFError)):  # asyncio: ConnectionResetError(), no text
         return "connection closed"
     if isinstance(exc, TimeoutError):
         return "timed out"

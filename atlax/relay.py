@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
+from anyio import BrokenResourceError, ClosedResourceError
 from anyio.abc import SocketListener
 
 from . import heap
@@ -738,6 +738,6 @@ def _tls_reason(exc: BaseException) -> str:
         return f"client certificate rejected: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
-    if isinstance(exc, EndOfStream):
+    if isinstance(exc, (ConnectionError, EOFError)):  # asyncio: ConnectionResetError(), no text
         return "connection closed during the handshake"
     return str(exc) or type(exc).__name__

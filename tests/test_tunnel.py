@@ -325,6 +325,37 @@ async def test_second_connection_with_same_identity_replaces_the_first(pki: Pki)
 # -- bad input -----------------------------------------------------------------------------------
 
 
+async def test_a_connection_closed_during_the_handshake_is_named(
+    pki: Pki, caplog_info: pytest.LogCaptureFixture
+) -> None:
+    settings = relay_settings(pki)
+    relay = Relay(settings, [])
+    async with running_relay(relay):
+        raw = await anyio.connect_tcp("127.0.0.1", settings.listen.port)
+        await raw.send(b"\x16\x03\x01")  # the start of a ClientHello, then gone
+        await raw.aclose()
+        failures = relay.metrics.handshake_failures.labels("connection_lost")
+        await wait_until(lambda: failures._value.get() == 1, 5)
+    assert "failed: connection closed during the handshake" in caplog_info.text
+
+
+async def test_an_agent_names_a_relay_that_closes_during_the_handshake(
+    pki: Pki, caplog_info: pytest.LogCaptureFixture
+) -> None:
+    async def hang_up(conn: anyio.abc.SocketStream) -> None:
+        async with conn:
+            await conn.receive()  # the ClientHello; then close without answering
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, hang_up)
+        agent = Agent(agent_settings(pki, port, backoff_cap=0.3), {})
+        tg.start_soon(agent.run)
+        await wait_until(lambda: "down: connection closed" in caplog_info.text, 5)
+        tg.cancel_scope.cancel()
+
+
 async def test_garbage_on_the_agent_port_is_refused(
     pki: Pki, caplog_info: pytest.LogCaptureFixture
 ) -> None:
