@@ -14,8 +14,10 @@ A `MuxStream` has two faces:
   This is how the relay and the agent use it; an idle stream costs a few objects, not tasks.
 
 Flow control is the core's: a stream's bytes waiting on the socket are bounded by the credit it
-granted, because credit goes back to the peer only for bytes the socket has taken. A socket that
-reads faster than the tunnel can take pauses itself, never its neighbours.
+granted, because credit goes back to the peer only for bytes the socket has taken. A socket is
+read only while its stream has a read's worth of credit and the tunnel's buffer is below its
+high-water mark; when the buffer fills, every stream that was reading pauses at once. A stalled
+stream stops only itself.
 """
 
 from __future__ import annotations

@@ -348,7 +348,7 @@ async def test_an_agent_names_a_relay_that_closes_during_the_handshake(
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    async with anyio.create_task_group() as tg:
+    async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, hang_up)
         agent = Agent(agent_settings(pki, port, backoff_cap=0.3), {})
         tg.start_soon(agent.run)
