@@ -28,6 +28,7 @@ from proxyprotocol.v2 import ProxyProtocolV2
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from .config import AgentSettings, HostPort
+from .logs import describe
 from .mux import MuxSession, MuxStream
 from .protocol import ALPN, ErrorCode, KeepaliveConfig, Origin, Role, Settings, error_name
 from .tls import TLSConfigError, agent_context, file_fingerprint
@@ -111,10 +112,8 @@ class Agent:
                 )
         except TimeoutError:
             raise TunnelDownError(f"connecting timed out after {s.connect_timeout:g}s") from None
-        except ssl.SSLCertVerificationError as exc:
-            raise TunnelDownError(f"relay certificate rejected: {exc.verify_message}") from None
         except (OSError, ssl.SSLError, EOFError) as exc:
-            raise TunnelDownError(_describe(exc)) from None
+            raise TunnelDownError(describe(exc, peer="relay")) from None
         tls = transport.get_extra_info("ssl_object")
         if tls is None or tls.selected_alpn_protocol() != ALPN:
             transport.abort()
@@ -179,7 +178,7 @@ class Agent:
                 await loop.create_connection(lambda: stream, target.host, target.port)
         except (OSError, TimeoutError) as exc:
             log.warning(
-                "service %r at %s: connect failed: %s", stream.service, target, _describe(exc)
+                "service %r at %s: connect failed: %s", stream.service, target, describe(exc)
             )
             stream.reset(ErrorCode.CONNECT_FAILED)
 
@@ -202,17 +201,3 @@ def proxy_v2_header(origin: Origin | None) -> bytes:
             protocol=socket.SOCK_STREAM,
         )
     return ProxyProtocolV2().pack(result)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS error: {exc.reason or exc}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    if isinstance(exc, ExceptionGroup):
-        return "; ".join(sorted({_describe(e) for e in exc.exceptions}))
-    if isinstance(exc, (ConnectionError, EOFError)):  # asyncio: ConnectionResetError(), no text
-        return "connection closed"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__

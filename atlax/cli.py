@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 
@@ -22,8 +22,11 @@ from .config import (
     parse_host_port,
     parse_service_mapping,
 )
-from .relay import PortConflictError, Relay
+from .relay import PortConflictError
 from .tls import CertificateError, TLSConfigError, agent_context
+
+if TYPE_CHECKING:
+    from .relay_main import RelayMain
 
 log = logging.getLogger("atlax")
 
@@ -68,11 +71,13 @@ def cmd_relay(args: argparse.Namespace) -> int:
             f"{args.config}: [[agents]] cannot be combined with control_socket; "
             "with a control socket, agents come from the control API only"
         )
-    relay = Relay(config.relay, config.agents, tls_wait=args.wait_for_tls)
+    from .relay_main import RelayMain
+
+    relay = RelayMain(config.relay, config.agents, tls_wait=args.wait_for_tls)
     return _run(_serve_relay, relay)
 
 
-async def _serve_relay(relay: Relay) -> None:
+async def _serve_relay(relay: RelayMain) -> None:
     async with anyio.create_task_group() as tg:
         await tg.start(relay.serve)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -321,7 +326,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _control_errors() -> tuple[type[BaseException], ...]:
-    from .control import ControlSocketError
+    from .control.client import ControlSocketError
 
     errors: list[type[BaseException]] = [ControlSocketError]
     try:

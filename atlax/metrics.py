@@ -1,12 +1,12 @@
 """Prometheus metrics of the relay (documented in docs/metrics.md) and its health endpoints.
 
-Every relay owns its own registry, so several relays in one process (tests) never mix counts.
+`RelayMetrics` is the relay's observer: the relay calls it as things happen and never imports
+it. Every instance owns its own registry, so several relays in one process (tests) never mix
+counts.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable, Iterator
 
 import anyio
@@ -17,11 +17,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from .http import Request, Response, serve_http_connection
+from .net import accept_loop
+from .relay import ByteCounter, HandshakeFailure, Refusal, RelayObserver
 
-log = logging.getLogger("atlax.metrics")
 
-
-class RelayMetrics:
+class RelayMetrics(RelayObserver):
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.agents_connected = Gauge(
@@ -50,7 +50,7 @@ class RelayMetrics:
             ["port", "reason"],
             registry=r,
         )
-        self.tunnel_rtt = Histogram(
+        self.rtt = Histogram(
             "atlax_tunnel_rtt_seconds",
             "Round-trip time of keepalive PINGs through each tunnel.",
             ["agent"],
@@ -58,23 +58,35 @@ class RelayMetrics:
             registry=r,
         )
 
-    def byte_counter(self, agent: str, service: str) -> ByteCounter:
-        """The `atlax_bytes_total` counts of one agent's service (shared by its streams)."""
+    # -- RelayObserver -------------------------------------------------------------------------
+
+    def agent_connected(self, agent: str) -> None:
+        self.agents_connected.inc()
+
+    def agent_disconnected(self, agent: str) -> None:
+        self.agents_connected.dec()
+
+    def handshake_failed(self, reason: HandshakeFailure) -> None:
+        self.handshake_failures.labels(reason.value).inc()
+
+    def stream_opened(self, agent: str, service: str) -> ByteCounter:
+        """Counts the stream; returns the service's `atlax_bytes_total` counts (shared by its
+        streams, read at scrape time)."""
+        self.streams_open.labels(agent).inc()
+        self.streams_total.labels(agent, service).inc()
         counter = self._bytes.get((agent, service))
         if counter is None:
             counter = self._bytes[agent, service] = ByteCounter()
         return counter
 
+    def stream_closed(self, agent: str, service: str) -> None:
+        self.streams_open.labels(agent).dec()
 
-class ByteCounter:
-    """Payload bytes of one service, both ways. Plain ints, read when scraped: they change on
-    every read of every stream, and a prometheus_client Counter takes a lock per `inc`."""
+    def connection_refused(self, port: int, reason: Refusal) -> None:
+        self.refused.labels(str(port), reason.value).inc()
 
-    __slots__ = ("from_agent", "to_agent")
-
-    def __init__(self) -> None:
-        self.to_agent = 0
-        self.from_agent = 0
+    def tunnel_rtt(self, agent: str, seconds: float) -> None:
+        self.rtt.labels(agent).observe(seconds)
 
 
 class _ByteCollector(Collector):
@@ -91,25 +103,6 @@ class _ByteCollector(Collector):
             family.add_metric([agent, service, "to_agent"], counter.to_agent)
             family.add_metric([agent, service, "from_agent"], counter.from_agent)
         yield family
-
-
-class RateLimitedLog:
-    """Log a repeated event at most once per `interval` per key, saying how many were skipped."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def warning(self, key: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        last, skipped = self._last.get(key, (float("-inf"), 0))
-        if now - last < self.interval:
-            self._last[key] = (last, skipped + 1)
-            return
-        suffix = f" ({skipped} more like this since the last message)" if skipped else ""
-        self.logger.warning(message + suffix, *args)
-        self._last[key] = (now, 0)
 
 
 class MetricsServer:
@@ -140,8 +133,6 @@ class MetricsServer:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        from .relay import accept_loop
-
         async def handle(stream: anyio.abc.SocketStream) -> None:
             await serve_http_connection(stream, self.app)
 

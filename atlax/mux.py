@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -36,6 +34,7 @@ import anyio.abc
 import anyio.lowlevel
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 
+from .net import abort_transport
 from .protocol import (
     Connection,
     ConnectionTerminated,
@@ -71,7 +70,6 @@ TUNNEL_HIGH_WATER = 2 * 1024 * 1024
 READ_CREDIT = 256 * 1024
 # A stream that read within this many pauses of the tunnel counts as reading (see pause_writing).
 RECENT_PAUSES = 8
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 StreamHandler = Callable[["MuxStream"], Awaitable[None]]
 
@@ -109,22 +107,6 @@ class StreamResetError(BrokenResourceError):
 
 class TunnelClosedError(BrokenResourceError):
     """The tunnel under the stream ended."""
-
-
-def reset_on_close(sock: Any) -> None:
-    """Make the socket's close send a TCP RST, so the peer sees a failure, not a clean EOF."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except (OSError, ValueError):  # already closed (uvloop raises ValueError for fd -1)
-        pass
-
-
-def abort_transport(transport: asyncio.Transport) -> None:
-    """Close at once with a TCP RST."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        reset_on_close(sock)
-    transport.abort()
 
 
 class MuxStream(anyio.abc.ByteStream, asyncio.Protocol):

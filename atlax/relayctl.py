@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 
-from .control import ControlClient, ControlSocketError
+from .control.client import ControlClient, ControlSocketError
 
 DEFAULT_SOCKET = "/run/atlax/control.sock"
 

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import anyio.abc
@@ -22,8 +23,10 @@ from atlax.agent import Agent
 from atlax.config import AgentSettings, AgentSpec, HostPort, RelaySettings, ServiceSpec
 from atlax.demo import free_port
 from atlax.relay import Relay
+from atlax.relay_main import RelayMain
 
 ROOT = Path(__file__).resolve().parent.parent
+R = TypeVar("R", Relay, RelayMain)  # a bare relay, or one with its metrics and control socket
 
 
 @pytest.fixture
@@ -142,7 +145,7 @@ async def tcp_service(
 
 
 @asynccontextmanager
-async def running_relay(relay: Relay) -> AsyncIterator[Relay]:
+async def running_relay(relay: R) -> AsyncIterator[R]:
     async with anyio.create_task_group() as tg:
         await tg.start(relay.serve)
         try:
@@ -183,6 +186,13 @@ async def wait_until(
     with anyio.fail_after(timeout):
         while not predicate():
             await anyio.sleep(0.02)
+
+
+async def receive_reset(conn: anyio.abc.SocketStream, timeout: float = 5.0) -> None:
+    """The peer ends `conn` with a TCP RST: a connection reset, not an end of stream (FIN)."""
+    with anyio.fail_after(timeout), pytest.raises(anyio.BrokenResourceError) as info:
+        await conn.receive()
+    assert isinstance(info.value.__cause__, ConnectionResetError), repr(info.value.__cause__)
 
 
 async def exchange(port: int, payload: bytes, *, chunk: int = 65536) -> bytes:

@@ -23,20 +23,22 @@ from conftest import (
 )
 
 from atlax.agent import Agent
-from atlax.control import ControlClient, ControlServer
+from atlax.control.client import ControlClient
+from atlax.control.server import ControlServer
 from atlax.http import request
-from atlax.relay import Relay
+from atlax.relay_main import RelayMain
 
 pytestmark = pytest.mark.anyio
 
 
 @asynccontextmanager
-async def control_relay(pki: Pki, tmp_path: Path) -> AsyncIterator[tuple[Relay, ControlClient]]:
+async def control_relay(pki: Pki, tmp_path: Path) -> AsyncIterator[tuple[RelayMain, ControlClient]]:
     path = tmp_path / "run" / "control.sock"
-    relay = Relay(relay_settings(pki, control_socket=path))
+    relay = RelayMain(relay_settings(pki, control_socket=path))
     async with anyio.create_task_group() as tg:
         await tg.start(relay.serve)
         assert isinstance(relay.control, ControlServer)
+        assert relay.readiness() == (True, "listening")
         try:
             yield relay, ControlClient(path)
         finally:
@@ -79,7 +81,7 @@ async def test_conflicts_change_nothing(pki: Pki, tmp_path: Path) -> None:
             "port": web,
         }
         assert not port_is_open(fresh), "a port was opened although the request failed"
-        assert relay.agent("office") is None
+        assert relay.registry.agent("office") is None
         with socket.socket() as held:  # a port the OS has given to someone else
             held.bind(("127.0.0.1", 0))
             held.listen()
@@ -97,15 +99,20 @@ async def test_delete_revokes_the_identity(pki: Pki, tmp_path: Path) -> None:
         agent = Agent(agent_settings(pki, relay.settings, backoff_cap=0.2), {"web": echo})
         async with running_agent(agent):
             assert await exchange(web, b"allowed") == b"allowed"
-            await wait_until(lambda: (relay.agent("home-nas") or {}).get("connected", False), 5)
-            state = relay.agent("home-nas")
+            await wait_until(
+                lambda: (relay.registry.agent("home-nas") or {}).get("connected", False), 5
+            )
+            state = relay.registry.agent("home-nas")
             assert state is not None and state["bytesOut"] == 7 and state["bytesIn"] == 7
             status, _ = await client.delete_agent("home-nas")
             assert status == 200
             await wait_until(lambda: agent.session is None, 5)  # the live tunnel was dropped
             assert not port_is_open(web)
+            # ... and the same certificate is refused from now on, with the reason in a GOAWAY.
             await wait_until(lambda: "not configured" in (agent.last_error or ""), 5)
-            assert agent.session is None  # and the same certificate is refused from now on
+            assert "UNAUTHORIZED" in (agent.last_error or "")
+            assert "identity 'home-nas' is not configured" in (agent.last_error or "")
+            assert agent.session is None
         assert (await client.delete_agent("home-nas"))[0] == 404
 
 

@@ -18,6 +18,7 @@ from conftest import (
     echo_handler,
     exchange,
     free_port,
+    receive_reset,
     relay_settings,
     running_agent,
     running_relay,
@@ -30,7 +31,7 @@ from proxyprotocol.v2 import ProxyProtocolV2
 from atlax.agent import Agent
 from atlax.config import AgentSpec, HostPort, ServiceSpec
 from atlax.http import request
-from atlax.relay import Relay
+from atlax.relay_main import RelayMain
 
 pytestmark = pytest.mark.anyio
 
@@ -66,9 +67,9 @@ async def proxy_reporter(stream: anyio.abc.SocketStream) -> None:
 @asynccontextmanager
 async def tunnel(
     pki: Pki, spec: AgentSpec, services: dict[str, HostPort], **relay_options: object
-) -> AsyncIterator[Relay]:
+) -> AsyncIterator[RelayMain]:
     settings = relay_settings(pki, **relay_options)
-    relay = Relay(settings, [spec])
+    relay = RelayMain(settings, [spec])
     async with running_relay(relay), running_agent(Agent(agent_settings(pki, settings), services)):
         yield relay
 
@@ -159,13 +160,9 @@ async def test_denied_source_never_reaches_the_agent(
     async with tcp_service(recording_echo) as echo, tunnel(pki, spec, {"web": echo}) as relay:
         for _ in range(3):
             async with await connect_from("127.0.0.2", port) as denied:
-                with (
-                    anyio.fail_after(2),
-                    pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)),
-                ):
-                    await denied.receive()
+                await receive_reset(denied)
         assert seen == []
-        assert relay.agent("home-nas")["streamsTotal"] == 0  # type: ignore[index]
+        assert relay.registry.agent("home-nas")["streamsTotal"] == 0  # type: ignore[index]
         async with await connect_from("127.0.0.1", port) as allowed:
             await allowed.send(b"hi")
             assert await allowed.receive() == b"hi"
@@ -181,14 +178,8 @@ async def test_denied_source_never_reaches_the_agent(
 # -- metrics and health --------------------------------------------------------------------------
 
 
-def _value(relay: Relay, name: str, **labels: str) -> float:
-    from prometheus_client import generate_latest
-
-    for family in text_string_to_metric_families(generate_latest(relay.metrics.registry).decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+def _value(relay: RelayMain, name: str, **labels: str) -> float:
+    return relay.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 async def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -269,12 +260,11 @@ async def test_a_limit_refuses_exactly_the_stream_over_it(pki: Pki, limit: str) 
             await conn.send(b"held")
             assert await conn.receive() == b"held"
         async with await anyio.connect_tcp("127.0.0.1", port) as extra:
-            with anyio.fail_after(2), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
-                await extra.receive()
+            await receive_reset(extra)
         reason = "port_limit" if limit == "port" else "agent_limit"
         assert _value(relay, "atlax_connections_refused_total", port=str(port), reason=reason) == 1
         await held.pop().aclose()
-        await wait_until(lambda: relay.agent("home-nas")["activeStreams"] == 1, 5)  # type: ignore[index]
+        await wait_until(lambda: relay.registry.agent("home-nas")["activeStreams"] == 1, 5)  # type: ignore[index]
         assert await exchange(port, b"served again") == b"served again"
         for conn in held:
             await conn.aclose()
@@ -286,11 +276,14 @@ async def test_max_agents_refuses_the_agent_over_the_limit(pki: Pki) -> None:
         AgentSpec(name=n, services=(ServiceSpec(name="web", port=free_port()),))
         for n in ("home-nas", "office")
     ]
-    relay = Relay(settings, specs)
+    relay = RelayMain(settings, specs)
     async with running_relay(relay), running_agent(Agent(agent_settings(pki, settings), {})):
         office = Agent(agent_settings(pki, settings, identity="office"), {})
         async with anyio.create_task_group() as tg:
             tg.start_soon(office.run)
             await wait_until(lambda: "limit of 1 agents" in (office.last_error or ""), 5)
             tg.cancel_scope.cancel()
+        # Told why in a GOAWAY: ENHANCE_YOUR_CALM and the limit.
+        assert "ENHANCE_YOUR_CALM" in (office.last_error or "")
+        assert "relay already serves its limit of 1 agents" in (office.last_error or "")
         assert _value(relay, "atlax_handshake_failures_total", reason="agent_limit") >= 1

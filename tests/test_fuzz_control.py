@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase
 
-from atlax.control import ControlServer
+from atlax.control.server import ControlServer
 from atlax.http import Request, request
-from atlax.relay import Relay
+from atlax.relay_main import RelayMain
 
 CORPUS = ReadOnlyDatabase(
     DirectoryBasedExampleDatabase(str(Path(__file__).parent / "corpus" / "control"))
@@ -82,15 +82,25 @@ def test_control_api_answers_every_request_cleanly(
 
     async def run() -> None:
         sock = tmp_path_factory.mktemp("ctl") / "c.sock"
-        relay = Relay(relay_settings(pki, control_socket=sock))
+        relay = RelayMain(relay_settings(pki, control_socket=sock))
         async with anyio.create_task_group() as tg:
             await tg.start(relay.serve)
             server = relay.control
             assert isinstance(server, ControlServer)
+            before = relay.registry.agents()
             raw = b"" if body is None else json.dumps(body).encode()
             response = await server.app(Request(method, path, {}, raw))
             assert response.status in ALLOWED, (response.status, response.body)
-            json.loads(response.body)
+            answer = json.loads(response.body)
+            # The end state: a refused request changed nothing; an accepted PUT made the agent
+            # exactly what the body said (the relay starts empty, so DELETE finds nobody).
+            after = relay.registry.agents()
+            if response.status != 200 or method != "PUT":
+                assert after == before
+            else:
+                assert [a["name"] for a in after] == [answer["agent"]["name"]]
+                wanted = [{"name": s["name"], "port": s["port"]} for s in body.get("services", [])]
+                assert sorted(after[0]["services"], key=str) == sorted(wanted, key=str)
             health = await server.app(Request("GET", "/healthz", {}, b""))
             assert health.status == 200
             tg.cancel_scope.cancel()
@@ -108,7 +118,9 @@ def test_control_api_answers_every_request_cleanly(
 def test_raw_bytes_on_the_control_socket(pki: Pki, tmp_path_factory: Any, junk: bytes) -> None:
     async def run() -> None:
         sock = tmp_path_factory.mktemp("ctl") / "c.sock"
-        relay = Relay(relay_settings(pki, control_socket=sock, listen=f"127.0.0.1:{free_port()}"))
+        relay = RelayMain(
+            relay_settings(pki, control_socket=sock, listen=f"127.0.0.1:{free_port()}")
+        )
         async with anyio.create_task_group() as tg:
             await tg.start(relay.serve)
             async with await anyio.connect_unix(sock) as stream:
@@ -126,6 +138,7 @@ def test_raw_bytes_on_the_control_socket(pki: Pki, tmp_path_factory: Any, junk: 
             async with await anyio.connect_unix(sock) as stream:
                 status, _ = await request(stream, "GET", "/healthz")
             assert status == 200
+            assert relay.registry.agents() == []  # bytes are never a command
             tg.cancel_scope.cancel()
 
     anyio.run(run)

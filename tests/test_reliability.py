@@ -28,6 +28,7 @@ from conftest import (
 )
 
 from atlax.agent import Agent
+from atlax.metrics import RelayMetrics
 from atlax.mux import READ_CREDIT, TUNNEL_HIGH_WATER
 from atlax.protocol import ALPN, ErrorCode, Settings
 from atlax.protocol.frames import FrameDecoder, FrameType, encode_frame, encode_settings
@@ -61,7 +62,7 @@ async def test_a_gigabyte_over_100_streams_both_ways_loses_nothing(pki: Pki) -> 
                 for i in range(100):
                     tg.start_soon(one, i)
         assert lost == []
-        state = relay.agent("home-nas")
+        state = relay.registry.agent("home-nas")
         assert state is not None
         assert state["bytesOut"] == state["bytesIn"] == 100 * 5 * 1024 * 1024
 
@@ -183,9 +184,7 @@ async def test_slow_link_keeps_data_intact(pki: Pki) -> None:
                 hashlib.sha256(await exchange(port, payload)).digest()
                 == hashlib.sha256(payload).digest()
             )
-        session = relay._agents["home-nas"].session
-        assert session is not None
-        await wait_until(lambda: (session.rtt or 0) >= 0.04, 10)  # keepalive RTT sees the latency
+        await wait_until(lambda: (relay.registry.agent("home-nas")["rttSeconds"] or 0) >= 0.04, 10)  # type: ignore[index]  # keepalive RTT sees the latency
 
 
 # -- abuse on public ports -----------------------------------------------------------------------
@@ -200,7 +199,8 @@ async def test_ten_thousand_idle_connections_do_not_starve_real_clients(pki: Pki
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     port = free_port()
     settings = relay_settings(pki, max_connections_per_source=100)
-    relay = Relay(settings, [spec("home-nas", web=port)])
+    metrics = RelayMetrics()
+    relay = Relay(settings, [spec("home-nas", web=port)], observer=metrics)
     async with (
         tcp_service(echo_handler) as echo,
         running_relay(relay),
@@ -225,12 +225,15 @@ async def test_ten_thousand_idle_connections_do_not_starve_real_clients(pki: Pki
 
         attackers = await anyio.to_thread.run_sync(attack)
         try:
-            binding = relay._ports[port]
+            binding = relay.registry.binding(port)
+            assert binding is not None
             await wait_until(lambda: binding.connections == 100, 20)
             # A real client from another address is served at once.
             assert await exchange(port, b"real client") == b"real client"
-            refused = relay.metrics.refused.labels(str(port), "source_limit")._value.get()
-            assert refused >= 9_000
+            refused = metrics.registry.get_sample_value(
+                "atlax_connections_refused_total", {"port": str(port), "reason": "source_limit"}
+            )
+            assert (refused or 0) >= 9_000
         finally:
             for s in attackers:
                 s.close()
@@ -252,8 +255,9 @@ async def test_half_closed_clients_are_finished_and_released(pki: Pki) -> None:
                 await conn.send(b"x")
                 await conn.send_eof()  # half-open from our side; the echo answers and closes
                 assert await conn.receive() == b"x"
-        await wait_until(lambda: relay.agent("home-nas")["activeStreams"] == 0, 10)  # type: ignore[index]
-        assert relay._ports[port].connections == 0
+        await wait_until(lambda: relay.registry.agent("home-nas")["activeStreams"] == 0, 10)  # type: ignore[index]
+        binding = relay.registry.binding(port)
+        assert binding is not None and binding.connections == 0 and not binding.by_source
 
 
 # -- abuse on the agent port ---------------------------------------------------------------------
@@ -333,7 +337,7 @@ async def test_shutdown_drains_and_the_agent_moves_to_the_new_relay(pki: Pki) ->
                     await client.send(b"in flight")
                     assert await client.receive() == b"in flight"
                     tg.start_soon(old.shutdown)
-                    await wait_until(lambda: old._shutting_down, 5)
+                    await wait_until(lambda: old.shutting_down, 5)
                     await client.send(b"still served while draining")
                     assert await client.receive() == b"still served while draining"
                     await client.send_eof()
@@ -354,7 +358,8 @@ async def test_a_full_tunnel_stops_every_reader_at_once(pki: Pki) -> None:
     is uvloop's (the tests and the CLI run on it): plain asyncio runs a read callback already
     dispatched in the same loop pass after pause_reading, one more read per such stream."""
     async with tunnel_through_link(pki) as (relay, _agent, link, port):
-        session = relay._agents["home-nas"].session
+        state = relay.registry.get("home-nas")
+        session = state.session if state is not None else None
         assert session is not None and session.transport is not None
         transport = session.transport
         peak = 0

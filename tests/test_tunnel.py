@@ -26,6 +26,7 @@ from conftest import (
 
 from atlax.agent import Agent
 from atlax.config import HostPort
+from atlax.metrics import RelayMetrics
 from atlax.mux import MuxSession
 from atlax.protocol import ALPN, ErrorCode, Role, Settings
 from atlax.protocol.frames import FrameDecoder, FrameType, encode_frame, encode_settings, encode_u32
@@ -114,7 +115,8 @@ async def test_paused_reader_does_not_stall_the_other_stream(pki: Pki) -> None:
     ):
         async with await anyio.connect_tcp("127.0.0.1", source_port) as stalled:
             await stalled.receive()  # data flows, then this client never reads again
-            session = relay._agents["home-nas"].session
+            state = relay.registry.get("home-nas")
+            session = state.session if state is not None else None
             assert session is not None
 
             def stalled_buffer() -> int:
@@ -298,8 +300,8 @@ async def test_killing_the_agent_mid_stream_closes_clients_and_keeps_the_port(pk
             with anyio.fail_after(5), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                 while True:
                     await client.receive()
-        await wait_until(lambda: not relay.agent("home-nas")["connected"], 5)
-        assert relay.port_owner(port) == "home-nas"
+        await wait_until(lambda: not relay.registry.agent("home-nas")["connected"], 5)
+        assert relay.registry.port_owner(port) == "home-nas"
         async with running_agent(Agent(agent_settings(pki, settings), {"web": echo})):
             assert await exchange(port, b"back again") == b"back again"
 
@@ -329,13 +331,14 @@ async def test_a_connection_closed_during_the_handshake_is_named(
     pki: Pki, caplog_info: pytest.LogCaptureFixture
 ) -> None:
     settings = relay_settings(pki)
-    relay = Relay(settings, [])
+    metrics = RelayMetrics()
+    relay = Relay(settings, [], observer=metrics)
     async with running_relay(relay):
         raw = await anyio.connect_tcp("127.0.0.1", settings.listen.port)
         await raw.send(b"\x16\x03\x01")  # the start of a ClientHello, then gone
         await raw.aclose()
-        failures = relay.metrics.handshake_failures.labels("connection_lost")
-        await wait_until(lambda: failures._value.get() == 1, 5)
+        failures = "atlax_handshake_failures_total", {"reason": "connection_lost"}
+        await wait_until(lambda: metrics.registry.get_sample_value(*failures) == 1, 5)
     assert "failed: connection closed during the handshake" in caplog_info.text
 
 
@@ -401,7 +404,8 @@ async def test_malformed_frames_close_only_that_tunnel(
 ) -> None:
     settings = relay_settings(pki)
     port = free_port()
-    relay = Relay(settings, [spec("home-nas", web=port), spec("office", files=free_port())])
+    office_port = free_port()
+    relay = Relay(settings, [spec("home-nas", web=port), spec("office", files=office_port)])
     async with (
         tcp_service(echo_handler) as echo,
         running_relay(relay),
@@ -418,12 +422,10 @@ async def test_malformed_frames_close_only_that_tunnel(
             tls_standard_compatible=False,
         ) as tls:
             await tls.send(encode_settings(Settings()))
-            await wait_until(lambda: bool(relay.agent("office")["connected"]), 5)
+            await wait_until(lambda: bool(relay.registry.agent("office")["connected"]), 5)
             if code is ErrorCode.FLOW_CONTROL_ERROR:  # needs a live stream: have a client open one
-                client = await anyio.connect_tcp(
-                    "127.0.0.1", relay._agents["office"].spec.services[0].port
-                )
-                await wait_until(lambda: relay.agent("office")["activeStreams"] == 1, 5)
+                client = await anyio.connect_tcp("127.0.0.1", office_port)
+                await wait_until(lambda: relay.registry.agent("office")["activeStreams"] == 1, 5)
             await tls.send(frame)
             received = b""
             with anyio.fail_after(5):
@@ -437,7 +439,7 @@ async def test_malformed_frames_close_only_that_tunnel(
         goaway = [f for f in FrameDecoder(1 << 20).feed(received) if f.type is FrameType.GOAWAY]
         assert goaway, "the relay closed the tunnel without GOAWAY"
         assert int.from_bytes(goaway[-1].payload[4:8], "big") == code
-        assert not relay.agent("office")["connected"]
+        assert not relay.registry.agent("office")["connected"]
         assert await exchange(port, b"unaffected") == b"unaffected"
 
 

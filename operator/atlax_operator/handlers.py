@@ -25,7 +25,7 @@ from cryptography import x509
 from kubernetes.client.exceptions import ApiException
 
 from atlax import certs
-from atlax.control import ControlClient, ControlSocketError
+from atlax.control.client import ControlClient, ControlSocketError
 
 from . import GROUP, KIND, PLURAL, VERSION, kube, pki
 from .conditions import condition_true, same_conditions, set_condition

@@ -1,4 +1,4 @@
-"""The relay's control socket: a declarative JSON API over HTTP/1.1 on a Unix socket.
+"""The control socket's server: a declarative JSON API over HTTP/1.1 on a Unix socket.
 
     PUT    /agents/{name}   desired services and ports of one agent (idempotent, all or nothing)
     DELETE /agents/{name}   close its ports, drop its tunnel, refuse its identity (revocation)
@@ -22,27 +22,40 @@ import socket
 import stat
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 
-from .config import ConfigError, parse_agent_spec
-from .http import Request, Response, request, serve_http_connection
-from .relay import PortConflictError, Relay, accept_loop
+from ..config import AgentSpec, ConfigError, parse_agent_spec
+from ..http import Request, Response, serve_http_connection
+from ..net import accept_loop
+from ..relay.registry import PortConflictError
+from .client import ControlSocketError
 
 log = logging.getLogger("atlax.control")
 
 _AGENT_PATH = re.compile(r"/agents/([^/]+)")
 
 
-class ControlSocketError(Exception):
-    """The control socket cannot be created or reached; the message names the path."""
+class Registry(Protocol):
+    """What the control API reads and changes: the relay's `AgentRegistry`, or anything that
+    answers the same way (a supervisor fanning out to relay workers)."""
+
+    def agents(self) -> list[dict[str, Any]]: ...
+
+    def agent(self, name: str) -> dict[str, Any] | None: ...
+
+    async def apply_agent(self, spec: AgentSpec) -> bool:
+        """All the agent's ports open or none; raises `PortConflictError` naming the port."""
+        ...
+
+    async def remove_agent(self, name: str) -> bool: ...
 
 
 class ControlServer:
-    def __init__(self, relay: Relay, path: Path) -> None:
-        self.relay = relay
+    def __init__(self, registry: Registry, path: Path) -> None:
+        self.registry = registry
         self.path = path
         self.relay_id = uuid.uuid4().hex
 
@@ -99,20 +112,20 @@ class ControlServer:
         if req.path == "/agents":
             if req.method != "GET":
                 return _method_not_allowed("GET")
-            return Response.json(200, {"relayId": self.relay_id, "agents": self.relay.agents()})
+            return Response.json(200, {"relayId": self.relay_id, "agents": self.registry.agents()})
         match = _AGENT_PATH.fullmatch(req.path)
         if match is None:
             return Response.error(404, f"no such endpoint: {req.path}")
         name = match.group(1)
         if req.method == "GET":
-            state = self.relay.agent(name)
+            state = self.registry.agent(name)
             if state is None:
                 return Response.error(404, f"agent {name!r} is not configured")
             return Response.json(200, state)
         if req.method == "PUT":
             return await self._put(name, req.body)
         if req.method == "DELETE":
-            if not await self.relay.remove_agent(name):
+            if not await self.registry.remove_agent(name):
                 return Response.error(404, f"agent {name!r} is not configured")
             return Response.json(200, {"deleted": name})
         return _method_not_allowed("GET, PUT, DELETE")
@@ -135,10 +148,10 @@ class ControlServer:
         except ConfigError as exc:
             return Response.error(400, str(exc))
         try:
-            changed = await self.relay.apply_agent(spec)
+            changed = await self.registry.apply_agent(spec)
         except PortConflictError as exc:
             return Response.error(409, str(exc), port=exc.port)
-        return Response.json(200, {"changed": changed, "agent": self.relay.agent(name)})
+        return Response.json(200, {"changed": changed, "agent": self.registry.agent(name)})
 
 
 def _method_not_allowed(allowed: str) -> Response:
@@ -153,50 +166,3 @@ def _socket_answers(path: Path) -> bool:
         except OSError as exc:
             return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
         return True
-
-
-class ControlClient:
-    """Async client of the control API (used by `atlax relayctl` and the operator)."""
-
-    def __init__(self, path: Path, timeout: float = 10.0) -> None:
-        self.path = path
-        self.timeout = timeout
-
-    async def call(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
-        body = b"" if payload is None else json.dumps(payload).encode()
-        try:
-            with anyio.fail_after(self.timeout):
-                async with await anyio.connect_unix(self.path) as stream:
-                    status, data = await request(stream, method, path, body)
-        except TimeoutError:
-            raise ControlSocketError(
-                f"control socket {self.path} did not answer in {self.timeout:g}s"
-            ) from None
-        except OSError as exc:
-            raise ControlSocketError(
-                f"cannot reach control socket {self.path}: {exc.strerror or exc}"
-            ) from None
-        try:
-            return status, json.loads(data) if data else None
-        except ValueError:
-            raise ControlSocketError(f"control socket {self.path} answered with non-JSON") from None
-
-    async def health(self) -> dict[str, Any]:
-        return await self._ok("GET", "/healthz")
-
-    async def agents(self) -> dict[str, Any]:
-        return await self._ok("GET", "/agents")
-
-    async def put_agent(
-        self, name: str, services: list[dict[str, Any]], **extra: Any
-    ) -> tuple[int, Any]:
-        return await self.call("PUT", f"/agents/{name}", {"services": services, **extra})
-
-    async def delete_agent(self, name: str) -> tuple[int, Any]:
-        return await self.call("DELETE", f"/agents/{name}")
-
-    async def _ok(self, method: str, path: str) -> dict[str, Any]:
-        status, data = await self.call(method, path)
-        if status != 200 or not isinstance(data, dict):
-            raise ControlSocketError(f"{method} {path}: HTTP {status}: {data}")
-        return data

@@ -1,0 +1,144 @@
+"""The relay: serve the agent port and the public ports, reload TLS files, shut down gracefully.
+
+`Relay` wires the rooms together: the registry (agents and port bindings), the public ports,
+agent admission. It reports what happens to a `RelayObserver` and imports nothing above
+itself: the metrics port and the control socket are added by `atlax.relay_main`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterable
+
+import anyio
+import anyio.abc
+
+from .. import heap
+from ..config import AgentSpec, RelaySettings
+from ..net import accept_sockets, close_listener, format_address, listen_sockets, local_address
+from ..protocol import ErrorCode
+from ..tls import TLSConfigError, file_fingerprint, relay_context
+from .admission import Admission
+from .observer import RelayObserver
+from .ports import PublicPorts
+from .registry import AgentRegistry
+
+log = logging.getLogger("atlax.relay")
+
+TLS_CHECK_INTERVAL = 30.0
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: RelaySettings,
+        agents: Iterable[AgentSpec] = (),
+        *,
+        observer: RelayObserver | None = None,
+        tls_wait: float = 0.0,
+        tls_check_interval: float = TLS_CHECK_INTERVAL,
+    ) -> None:
+        self.settings = settings
+        self.observer = observer or RelayObserver()
+        self.tls_wait = tls_wait
+        self.tls_check_interval = tls_check_interval
+        self.ports = PublicPorts(settings, self.observer)
+        self.registry = AgentRegistry(settings.public_host, self.ports.serve)
+        self.admission = Admission(settings, self.registry, self.observer)
+        self._initial = tuple(agents)
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._listeners: list[socket.socket] = []
+        self.listen_addresses: list[tuple[str, int]] = []
+        self.ready = anyio.Event()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.admission.shutting_down
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        s = self.settings
+        await self._wait_for_tls_files()
+        self.admission.context = relay_context(s.ca, s.cert, s.key)
+        self._listeners = await listen_sockets(s.listen.host, s.listen.port)
+        self.listen_addresses = [local_address(sock) for sock in self._listeners]
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = self.ports.task_group = self.admission.task_group = tg
+                for spec in self._initial:
+                    await self.registry.apply_agent(spec)
+                addresses = ", ".join(format_address(a) for a in self.listen_addresses)
+                log.info("relay listening for agents on %s", addresses)
+                for sock in self._listeners:
+                    tg.start_soon(accept_sockets, sock, self.admission.admit)
+                tg.start_soon(self._watch_tls_files)
+                tg.start_soon(self._trim_heap_after_bursts)
+                self.ready.set()
+                task_status.started()
+        finally:
+            for sock in self._listeners:
+                close_listener(sock)
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether the relay takes agents and clients, and if not, why."""
+        if self.shutting_down:
+            return False, "shutting down"
+        if not self.ready.is_set():
+            return False, "starting"
+        return True, "listening"
+
+    async def _wait_for_tls_files(self) -> None:
+        """In a pod, the operator writes the relay's certificate shortly after start: wait."""
+        s = self.settings
+        deadline = anyio.current_time() + self.tls_wait
+        missing = [p for p in (s.ca, s.cert, s.key) if not p.exists()]
+        if missing and self.tls_wait > 0:
+            log.info("waiting up to %gs for %s", self.tls_wait, ", ".join(map(str, missing)))
+        while missing and anyio.current_time() < deadline:
+            await anyio.sleep(0.5)
+            missing = [p for p in (s.ca, s.cert, s.key) if not p.exists()]
+
+    async def _watch_tls_files(self) -> None:
+        """Reload the certificate and CA when they change on disk (renewal, cert-manager)."""
+        s = self.settings
+        seen = file_fingerprint(s.ca, s.cert, s.key)
+        while True:
+            await anyio.sleep(self.tls_check_interval)
+            current = file_fingerprint(s.ca, s.cert, s.key)
+            if current == seen:
+                continue
+            try:
+                self.admission.context = relay_context(s.ca, s.cert, s.key)
+            except TLSConfigError as exc:
+                log.warning("certificate files changed but cannot be used yet: %s", exc)
+                continue
+            seen = current
+            log.info("reloaded the relay certificate and CA from disk")
+
+    async def _trim_heap_after_bursts(self) -> None:
+        trimmer = heap.HeapTrimmer(self.registry.bytes_moved)
+        while trimmer.available:
+            await anyio.sleep(heap.INTERVAL)
+            trimmer.tick()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """GOAWAY to every agent, stop accepting, let open streams finish within `grace`."""
+        if self.shutting_down:
+            return
+        self.admission.shutting_down = True
+        grace = self.settings.drain_timeout if grace is None else grace
+        log.info("relay shutting down: draining streams for up to %gs", grace)
+        for sock in self._listeners:
+            close_listener(sock)
+        for binding in self.registry.bindings():
+            binding.stop_listening()  # no new clients; open ones keep running
+        sessions = self.registry.sessions()
+        for session in sessions:
+            session.close(ErrorCode.NO_ERROR, "relay shutting down")
+        with anyio.move_on_after(grace):
+            for session in sessions:
+                await session.wait_closed()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()

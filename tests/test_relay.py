@@ -1,0 +1,135 @@
+"""The relay's rooms one by one: agent admission (ALPN), the refusal policy, the registry.
+
+The labels and log lines users alert on are read from the docs, so docs and code cannot drift.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from ipaddress import ip_address, ip_network
+
+import pytest
+from conftest import ROOT, Pki, relay_settings
+
+from atlax.config import AgentSpec, ServiceSpec
+from atlax.logs import describe
+from atlax.protocol import Origin
+from atlax.relay import HandshakeFailure, Refusal
+from atlax.relay.ports import refusal
+from atlax.relay.registry import AgentState, PortBinding
+
+pytestmark = pytest.mark.anyio
+
+
+def _documented_labels(metric: str) -> list[str]:
+    row = next(
+        line
+        for line in (ROOT / "docs" / "metrics.md").read_text().splitlines()
+        if line.startswith(f"| `{metric}`")
+    )
+    labels = row.split("|")[4].split(":", 1)[1]
+    return re.findall(r"`([a-z_]+)`", re.sub(r"\([^)]*\)", "", labels))  # not the (notes)
+
+
+def test_refusal_labels_are_the_documented_ones() -> None:
+    assert [r.value for r in Refusal] == _documented_labels("atlax_connections_refused_total")
+    assert all(r.text and r.text != r.value for r in Refusal)
+
+
+def test_handshake_failure_labels_are_the_documented_ones() -> None:
+    documented = _documented_labels("atlax_handshake_failures_total")
+    assert [f.value for f in HandshakeFailure] == documented
+
+
+# -- the refusal policy, without sockets ---------------------------------------------------------
+
+
+class _Session:
+    """Stands in for a live tunnel: the policy reads only these two attributes."""
+
+    def __init__(self, active: int = 0, can_open: bool = True) -> None:
+        self.active_streams = active
+        self.can_open_stream = can_open
+
+
+def _binding(service: ServiceSpec, session: object | None, **agent: object) -> PortBinding:
+    """A binding as the registry makes it (its cancel scope needs a running event loop)."""
+    state = AgentState(
+        AgentSpec.model_validate({"name": "home-nas", "services": [service], **agent})
+    )
+    state.session = session  # type: ignore[assignment]
+    return PortBinding(state, service, [])
+
+
+def _origin(source: str) -> Origin:
+    destination = ip_address("127.0.0.1" if ip_address(source).version == 4 else "::1")
+    return Origin(ip_address(source), 40000, destination, 8080)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("127.0.0.1", None),
+        ("10.1.2.3", None),
+        ("192.0.2.1", Refusal.SOURCE_DENIED),
+        ("::ffff:10.9.9.9", None),  # a dual-stack socket's view of an IPv4 client
+        ("2001:db8::1", Refusal.SOURCE_DENIED),
+    ],
+)
+async def test_allow_lists_match_sources(pki: Pki, source: str, expected: Refusal | None) -> None:
+    service = ServiceSpec(
+        name="web", port=8080, allow=(ip_network("127.0.0.1/32"), ip_network("10.0.0.0/8"))
+    )
+    binding = _binding(service, _Session())
+    assert refusal(binding, _origin(source), relay_settings(pki)) is expected
+
+
+async def test_the_first_reason_that_applies_is_the_reason(pki: Pki) -> None:
+    settings = relay_settings(pki, max_connections_per_source=1, max_streams_per_agent=5)
+    service = ServiceSpec(name="web", port=8080, max_connections=2)
+    origin = _origin("127.0.0.1")
+    assert refusal(_binding(service, None), origin, settings) is Refusal.AGENT_OFFLINE
+    draining = _Session(can_open=False)  # after GOAWAY: no new streams
+    assert refusal(_binding(service, draining), origin, settings) is Refusal.AGENT_OFFLINE
+    full = _binding(service, _Session())
+    full.connections = 2
+    assert refusal(full, origin, settings) is Refusal.PORT_LIMIT
+    busy_source = _binding(service, _Session())
+    busy_source.connections, busy_source.by_source[origin.source] = 1, 1
+    assert refusal(busy_source, origin, settings) is Refusal.SOURCE_LIMIT
+    assert refusal(busy_source, _origin("127.0.0.2"), settings) is None
+    assert refusal(_binding(service, _Session(active=5)), origin, settings) is Refusal.AGENT_LIMIT
+    own_limit = _binding(service, _Session(active=3), max_streams=3)
+    assert refusal(own_limit, origin, settings) is Refusal.AGENT_LIMIT
+
+
+# -- one line per failure ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "text"),
+    [
+        (ConnectionResetError(), "connection closed during the handshake"),
+        (ConnectionResetError(104, "Connection reset by peer"), "Connection reset by peer"),
+        (ConnectionRefusedError(111, "Connection refused"), "Connection refused"),
+        (EOFError(), "connection closed during the handshake"),
+        (TimeoutError(), "timed out"),
+        (ssl.SSLError(1, "[SSL] PEER_DID_NOT_RETURN_A_CERTIFICATE"), "TLS error: "),
+        (ValueError("bad\nsecond line"), "bad"),
+        (RuntimeError(), "RuntimeError"),
+        (
+            ExceptionGroup("two", [OSError(113, "No route to host"), TimeoutError()]),
+            "No route to host; timed out",
+        ),
+    ],
+)
+def test_describe_gives_one_line(exc: BaseException, text: str) -> None:
+    got = describe(exc, peer="client", during="during the handshake")
+    assert got.startswith(text) and "\n" not in got
+
+
+def test_describe_names_whose_certificate_was_rejected() -> None:
+    exc = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    exc.verify_message = "certificate has expired"
+    assert describe(exc, peer="relay") == "relay certificate rejected: certificate has expired"
