@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+from atlax.isotime import iso_utc
 
 
 def set_condition(
@@ -23,7 +20,7 @@ def set_condition(
     out = [dict(c) for c in conditions if c.get("type") != type_]
     old = next((c for c in conditions if c.get("type") == type_), None)
     since = (
-        now_iso() if old is None or old.get("status") != value else old.get("lastTransitionTime")
+        iso_utc() if old is None or old.get("status") != value else old.get("lastTransitionTime")
     )
     out.append(
         {
@@ -32,7 +29,7 @@ def set_condition(
             "reason": reason,
             "message": message,
             "observedGeneration": generation,
-            "lastTransitionTime": since or now_iso(),
+            "lastTransitionTime": since or iso_utc(),
         }
     )
     order = ["CertificateIssued", "PortsOpen", "Connected", "Ready"]

@@ -26,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from atlax import certs
 from atlax.control.client import ControlClient, ControlSocketError
+from atlax.isotime import iso_utc
 
 from . import GROUP, KIND, PLURAL, VERSION, kube, pki
 from .conditions import condition_true, same_conditions, set_condition
@@ -85,10 +86,6 @@ def _owner(body: kopf.Body) -> dict[str, Any]:
         "controller": True,
         "blockOwnerDeletion": True,
     }
-
-
-def _iso(ts: datetime) -> str:
-    return ts.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _relay_ports(live: dict[str, Any]) -> set[tuple[str, int]]:
@@ -161,7 +158,7 @@ class Reconciler:
                 body,
                 reason="CertificateIssued",
                 message=f"certificate for {name!r} valid until "
-                f"{_iso(cert.not_valid_after_utc)} written to Secret {secret}",
+                f"{iso_utc(cert.not_valid_after_utc)} written to Secret {secret}",
             )
         conditions = set_condition(
             conditions, "CertificateIssued", True, "Issued", f"Secret {secret}", generation
@@ -179,7 +176,7 @@ class Reconciler:
         patch.status["observedGeneration"] = generation
         patch.status["ports"] = _ports_text(spec)
         patch.status["secretName"] = secret
-        patch.status["certificateNotAfter"] = _iso(cert.not_valid_after_utc)
+        patch.status["certificateNotAfter"] = iso_utc(cert.not_valid_after_utc)
         patch.status["publicAddress"] = (
             lb or cfg.public_address or cfg.relay_address.rsplit(":", 1)[0]
         )

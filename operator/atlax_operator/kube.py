@@ -18,6 +18,8 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from atlax import logs
+
 PORTS_ANNOTATION = "atlax.dev/ports"
 T = TypeVar("T")
 
@@ -54,7 +56,7 @@ def describe(exc: BaseException) -> str:
         return f"{exc.status} {exc.reason}: {reason}"
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
         exc = exc.reason
-    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return logs.describe(exc)
 
 
 def _api_message(exc: ApiException) -> str:
