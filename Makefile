@@ -21,6 +21,7 @@ lint: setup
 	$(VENV)/bin/ruff check atlax tests
 	$(VENV)/bin/ruff format --check atlax tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: setup
 	$(PY) -m atlax.bench --json bench-results/bench.json
