@@ -9,13 +9,17 @@ import re
 import ssl
 from ipaddress import ip_address, ip_network
 
+import anyio
+import anyio.abc
 import pytest
-from conftest import ROOT, Pki, relay_settings
+from conftest import ROOT, Pki, free_port, relay_settings, running_relay, spec
 
 from atlax.config import AgentSpec, ServiceSpec
 from atlax.logs import describe
-from atlax.protocol import Origin
-from atlax.relay import HandshakeFailure, Refusal
+from atlax.metrics import RelayMetrics
+from atlax.protocol import ErrorCode, Origin
+from atlax.protocol.frames import FrameDecoder, FrameType
+from atlax.relay import HandshakeFailure, Refusal, Relay
 from atlax.relay.ports import refusal
 from atlax.relay.registry import AgentState, PortBinding
 
@@ -102,6 +106,49 @@ async def test_the_first_reason_that_applies_is_the_reason(pki: Pki) -> None:
     assert refusal(_binding(service, _Session(active=5)), origin, settings) is Refusal.AGENT_LIMIT
     own_limit = _binding(service, _Session(active=3), max_streams=3)
     assert refusal(own_limit, origin, settings) is Refusal.AGENT_LIMIT
+
+
+# -- admission -----------------------------------------------------------------------------------
+
+
+async def test_an_agent_without_alpn_gets_the_documented_refusal(
+    pki: Pki, caplog_info: pytest.LogCaptureFixture
+) -> None:
+    """docs/protocol.md quotes the log line, the GOAWAY and the metric; all three happen."""
+    doc = (ROOT / "docs" / "protocol.md").read_text()
+    documented = re.search(r"logs\s+`(agent port: [^`]+)`", doc)
+    assert documented is not None, "docs/protocol.md no longer quotes the ALPN log line"
+    settings = relay_settings(pki)
+    metrics = RelayMetrics()
+    relay = Relay(settings, [spec("office", files=free_port())], observer=metrics)
+    ctx = ssl.create_default_context(cafile=str(pki.ca))  # offers no ALPN at all
+    ctx.load_cert_chain(*pki.agent("office"))
+    async with running_relay(relay):
+        async with await anyio.connect_tcp(
+            "127.0.0.1",
+            settings.listen.port,
+            ssl_context=ctx,
+            tls_hostname="localhost",
+            tls_standard_compatible=False,
+        ) as tls:
+            host, port = tls.extra(anyio.abc.SocketAttribute.local_address)[:2]
+            received = b""
+            with anyio.fail_after(5):
+                try:
+                    while True:
+                        received += await tls.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    pass
+        assert relay.registry.agent("office")["connected"] is False  # type: ignore[index]
+    goaway = [f for f in FrameDecoder(1 << 20).feed(received) if f.type is FrameType.GOAWAY]
+    assert goaway, "refused without a GOAWAY"
+    assert int.from_bytes(goaway[0].payload[4:8], "big") == ErrorCode.PROTOCOL_ERROR
+    assert goaway[0].payload[8:] == b"ALPN atlax/1 required"
+    line = documented.group(1).replace("NAME", "office").replace("ADDRESS", f"{host}:{port}")
+    assert line in caplog_info.text
+    assert (
+        metrics.registry.get_sample_value("atlax_handshake_failures_total", {"reason": "alpn"}) == 1
+    )
 
 
 # -- one line per failure ------------------------------------------------------------------------

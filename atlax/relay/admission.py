@@ -120,10 +120,15 @@ class Admission:
         tls = transport.get_extra_info("ssl_object")
         name = peer_common_name(tls.getpeercert()) if tls is not None else None
         if tls is None or tls.selected_alpn_protocol() != ALPN:
-            self.observer.handshake_failed(HandshakeFailure.ALPN)
-            log.warning("agent port: %s (%s) did not negotiate ALPN %s; closing", peer, name, ALPN)
-            session.close(ErrorCode.PROTOCOL_ERROR, f"ALPN {ALPN} required")
-            await session.run()
+            await self._refuse(
+                session,
+                name,
+                peer,
+                HandshakeFailure.ALPN,
+                ErrorCode.PROTOCOL_ERROR,
+                f"peer did not negotiate ALPN {ALPN}",
+                goaway=f"ALPN {ALPN} required",
+            )
             return
         state = self.registry.get(name) if name else None
         if self.shutting_down:
@@ -165,11 +170,12 @@ class Admission:
         failure: HandshakeFailure,
         code: ErrorCode,
         reason: str,
+        goaway: str | None = None,
     ) -> None:
         """Count and log the refusal, then tell the agent why in a GOAWAY and close."""
         self.observer.handshake_failed(failure)
         log.warning("agent port: refused %r from %s: %s", name, peer, reason)
-        session.close(code, reason)
+        session.close(code, goaway or reason)
         await session.run()
 
     async def _run(self, state: AgentState, session: MuxSession, peer: str) -> None:
