@@ -16,6 +16,7 @@ from conftest import (
     exchange,
     free_port,
     hash_handler,
+    receive_reset,
     relay_settings,
     running_agent,
     running_relay,
@@ -148,10 +149,8 @@ async def test_paused_reader_does_not_stall_the_other_stream(pki: Pki) -> None:
 async def test_client_of_offline_agent_is_closed_at_once(pki: Pki) -> None:
     port = free_port()
     async with running_relay(Relay(relay_settings(pki), [spec("home-nas", web=port)])):
-        with anyio.fail_after(2):
-            async with await anyio.connect_tcp("127.0.0.1", port) as conn:
-                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
-                    await conn.receive()
+        async with await anyio.connect_tcp("127.0.0.1", port) as conn:
+            await receive_reset(conn, timeout=2)  # refused (agent_offline): a RST, not a FIN
 
 
 async def test_local_service_refusing_resets_the_stream(pki: Pki) -> None:
@@ -162,10 +161,8 @@ async def test_local_service_refusing_resets_the_stream(pki: Pki) -> None:
         running_relay(Relay(settings, [spec("home-nas", web=port)])),
         running_agent(Agent(agent_settings(pki, settings), {"web": dead})),
     ):
-        with anyio.fail_after(5):
-            async with await anyio.connect_tcp("127.0.0.1", port) as conn:
-                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
-                    await conn.receive()
+        async with await anyio.connect_tcp("127.0.0.1", port) as conn:
+            await receive_reset(conn)  # the agent's CONNECT_FAILED reaches the client as a RST
 
 
 async def test_agent_refuses_services_it_does_not_expose(
@@ -256,6 +253,8 @@ async def test_agent_with_unconfigured_identity_reports_why(pki: Pki) -> None:
             await wait_until(lambda: agent.last_error is not None or False, 5)
             tg.cancel_scope.cancel()
     assert agent.connects == 0
+    assert "UNAUTHORIZED" in (agent.last_error or "")  # the relay's GOAWAY, with the reason
+    assert "identity 'stranger' is not configured" in (agent.last_error or "")
 
 
 # -- reconnect -----------------------------------------------------------------------------------
