@@ -22,6 +22,7 @@ from .config import (
     parse_host_port,
     parse_service_mapping,
 )
+from .logs import describe
 from .relay import PortConflictError
 from .tls import CertificateError, TLSConfigError, agent_context
 
@@ -134,7 +135,7 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
             **({"backoff_cap": args.backoff_cap} if args.backoff_cap is not None else {}),
         )
     except ValueError as exc:
-        raise UsageError(_first_line(exc)) from None
+        raise UsageError(describe(exc)) from None
     services = dict(parse_service_mapping(s) for s in args.service)
     return AgentConfig(agent=settings, services=services)
 
@@ -316,10 +317,6 @@ def _extend(sub: Any) -> None:
         mod.register(sub)
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def fail(message: str, code: int = 1) -> NoReturn:
     print(f"atlax: error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -382,7 +379,7 @@ def _user_message(exc: BaseException) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, USER_ERRORS) and exc.strerror:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror}{where}"
-    return _first_line(exc)
+    return describe(exc)
 
 
 if __name__ == "__main__":

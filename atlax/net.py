@@ -19,6 +19,7 @@ import anyio
 import anyio.abc
 from anyio import BrokenResourceError, ClosedResourceError
 
+from .logs import describe
 from .protocol import Origin
 
 log = logging.getLogger("atlax.net")
@@ -90,7 +91,7 @@ async def accept_sockets(sock: socket.socket, handler: Handler) -> None:
             except OSError as exc:
                 if sock.fileno() == -1:
                     return
-                log.warning("accept failed: %s", exc.strerror or exc)  # EMFILE and friends
+                log.warning("accept failed: %s", describe(exc))  # EMFILE and friends
                 await anyio.sleep(0.1)
                 break
             client.setblocking(False)
@@ -111,7 +112,7 @@ async def accept_loop(listener: anyio.abc.SocketListener, handler: Handler) -> N
             except (ClosedResourceError, BrokenResourceError):
                 return
             except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                log.warning("accept failed: %s", exc.strerror or exc)
+                log.warning("accept failed: %s", describe(exc))
                 await anyio.sleep(0.1)
                 continue
             tg.start_soon(_contained, handler, client)

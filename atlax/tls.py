@@ -11,6 +11,7 @@ import hashlib
 import ssl
 from pathlib import Path
 
+from .logs import describe
 from .protocol import ALPN
 
 
@@ -26,21 +27,13 @@ def _load(ctx: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> None:
     try:
         ctx.load_verify_locations(cafile=str(ca))
     except (OSError, ssl.SSLError) as exc:
-        raise TLSConfigError(f"cannot load CA certificate {ca}: {_reason(exc)}") from None
+        raise TLSConfigError(f"cannot load CA certificate {ca}: {describe(exc)}") from None
     try:
         ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
     except (OSError, ssl.SSLError) as exc:
         raise TLSConfigError(
-            f"cannot load certificate {cert} with key {key}: {_reason(exc)}"
+            f"cannot load certificate {cert} with key {key}: {describe(exc)}"
         ) from None
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(exc)
 
 
 def _harden(ctx: ssl.SSLContext) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 
 from ..http import request
+from ..logs import describe
 
 
 class ControlSocketError(Exception):
@@ -38,7 +39,7 @@ class ControlClient:
             ) from None
         except OSError as exc:
             raise ControlSocketError(
-                f"cannot reach control socket {self.path}: {exc.strerror or exc}"
+                f"cannot reach control socket {self.path}: {describe(exc)}"
             ) from None
         try:
             return status, json.loads(data) if data else None

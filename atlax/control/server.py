@@ -29,6 +29,7 @@ import anyio.abc
 
 from ..config import AgentSpec, ConfigError, parse_agent_spec
 from ..http import Request, Response, serve_http_connection
+from ..logs import describe
 from ..net import accept_loop
 from ..relay.registry import PortConflictError
 from .client import ControlSocketError
@@ -83,7 +84,7 @@ class ControlServer:
         try:
             path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as exc:
-            raise ControlSocketError(f"cannot create {path.parent}: {exc.strerror}") from None
+            raise ControlSocketError(f"cannot create {path.parent}: {describe(exc)}") from None
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
                 raise ControlSocketError(
@@ -98,7 +99,7 @@ class ControlServer:
         try:
             listener = await anyio.create_unix_listener(path)
         except OSError as exc:
-            raise ControlSocketError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+            raise ControlSocketError(f"cannot listen on {path}: {describe(exc)}") from None
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o660)

@@ -19,6 +19,7 @@ import anyio
 
 from ..config import AgentSpec, ServiceSpec
 from ..isotime import iso_utc
+from ..logs import describe
 from ..mux import MuxSession, MuxStream
 from ..net import close_listener, listen_sockets
 from ..protocol import ErrorCode
@@ -213,5 +214,5 @@ class AgentRegistry:
         try:
             return await listen_sockets(host, port)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
+            reason = describe(exc)
             raise PortConflictError(port, f"cannot listen on {host}:{port}: {reason}") from None
