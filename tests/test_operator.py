@@ -36,7 +36,7 @@ from controlplane import ControlPlane
 from atlax import certs
 from atlax.agent import Agent
 from atlax.config import AgentSettings, HostPort
-from atlax.control import ControlClient, ControlSocketError
+from atlax.control.client import ControlClient, ControlSocketError
 
 NS = "default"
 
