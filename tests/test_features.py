@@ -241,6 +241,36 @@ async def test_metrics_endpoint_parses_and_counters_move_exactly(pki: Pki) -> No
         assert status == 200 and b'"listening"' in body
 
 
+async def test_health_answers_while_the_relay_waits_for_its_certificate(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """In a pod the operator writes the relay's certificate after the relay starts: meanwhile
+    the process is alive (/healthz 200) and not ready (/readyz 503 "starting")."""
+    tls, metrics_port = tmp_path / "tls", free_port()
+    files = {"ca": "ca.crt", "cert": "relay.crt", "key": "relay.key"}
+    settings = relay_settings(
+        pki, metrics=f"127.0.0.1:{metrics_port}", **{k: tls / f for k, f in files.items()}
+    )
+    relay = RelayMain(settings, tls_wait=30)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(relay.serve)
+        await wait_until(lambda: _listening(metrics_port), 10)
+        assert (await _get(metrics_port, "/healthz"))[0] == 200
+        status, body = await _get(metrics_port, "/readyz")
+        assert status == 503 and b'"starting"' in body
+        tls.mkdir()
+        for source, name in (
+            (pki.ca, "ca.crt"),
+            (pki.relay_crt, "relay.crt"),
+            (pki.relay_key, "relay.key"),
+        ):
+            shutil.copy(source, tls / name)
+        await wait_until(lambda: relay.readiness() == (True, "listening"), 10)
+        status, body = await _get(metrics_port, "/readyz")
+        assert status == 200 and b'"listening"' in body
+        tg.cancel_scope.cancel()
+
+
 # -- limits --------------------------------------------------------------------------------------
 
 
