@@ -44,6 +44,9 @@ async def test_a_gigabyte_over_100_streams_both_ways_loses_nothing(pki: Pki) -> 
     """100 concurrent streams, 5 MiB each way (1 GiB moved), every stream checked by SHA-256."""
     port = free_port()
     settings = relay_settings(pki)
+    # Made before the tunnel is up: 500 MB from os.urandom holds the event loop for seconds on
+    # a busy machine, longer than the tests' 3 s keepalive timeout (which then fired).
+    payloads = [os.urandom(5 * 1024 * 1024) for _ in range(100)]
     async with (
         tcp_service(echo_handler) as echo,
         running_relay(Relay(settings, [spec("home-nas", web=port)])) as relay,
@@ -52,7 +55,7 @@ async def test_a_gigabyte_over_100_streams_both_ways_loses_nothing(pki: Pki) -> 
         lost: list[int] = []
 
         async def one(i: int) -> None:
-            payload = os.urandom(5 * 1024 * 1024)
+            payload = payloads[i]
             reply = await exchange(port, payload, chunk=256 * 1024)
             if hashlib.sha256(reply).digest() != hashlib.sha256(payload).digest():
                 lost.append(i)
