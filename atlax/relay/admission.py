@@ -131,36 +131,34 @@ class Admission:
             )
             return
         state = self.registry.get(name) if name else None
+        refusal = self._refusal(name, state)
+        if refusal is not None:
+            await self._refuse(session, name, peer, *refusal)
+            return
+        assert state is not None
+        session.name = f"agent {state.name!r}"
+        await self._run(state, session, peer)
+
+    def _refusal(
+        self, name: str | None, state: AgentState | None
+    ) -> tuple[HandshakeFailure, ErrorCode, str] | None:
+        """Why an agent with a good certificate gets no tunnel, or None to admit it."""
         if self.shutting_down:
-            await self._refuse(
-                session,
-                name,
-                peer,
-                HandshakeFailure.SHUTTING_DOWN,
-                ErrorCode.UNAUTHORIZED,
-                "relay shutting down",
-            )
-        elif state is None:
-            await self._refuse(
-                session,
-                name,
-                peer,
+            return HandshakeFailure.SHUTTING_DOWN, ErrorCode.UNAUTHORIZED, "relay shutting down"
+        if state is None:
+            return (
                 HandshakeFailure.UNKNOWN_IDENTITY,
                 ErrorCode.UNAUTHORIZED,
                 f"identity {name!r} is not configured",
             )
-        elif state.session is None and self.registry.connected() >= s.max_agents:
-            await self._refuse(
-                session,
-                name,
-                peer,
+        limit = self.settings.max_agents
+        if state.session is None and self.registry.connected() >= limit:
+            return (
                 HandshakeFailure.AGENT_LIMIT,
                 ErrorCode.ENHANCE_YOUR_CALM,
-                f"relay already serves its limit of {s.max_agents} agents",
+                f"relay already serves its limit of {limit} agents",
             )
-        else:
-            session.name = f"agent {state.name!r}"
-            await self._run(state, session, peer)
+        return None
 
     async def _refuse(
         self,
