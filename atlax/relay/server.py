@@ -30,6 +30,13 @@ TLS_CHECK_INTERVAL = 30.0
 
 
 class Relay:
+    """The agent port, the public ports and the registry of one relay.
+
+    `settings.metrics` and `settings.control_socket` are not served here: `RelayMain` adds
+    them (a bare `Relay` is what tests and the demo run, with `observer=RelayMetrics()` when
+    they want the counts).
+    """
+
     def __init__(
         self,
         settings: RelaySettings,
