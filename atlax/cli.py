@@ -23,7 +23,6 @@ from .config import (
     parse_service_mapping,
 )
 from .logs import describe
-from .relay import PortConflictError
 from .tls import CertificateError, TLSConfigError, agent_context
 
 if TYPE_CHECKING:
@@ -146,6 +145,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"Atlax demo is up. Public URL: {url}", flush=True)
         print(f"Try: curl {url}    (Ctrl-C to stop)", flush=True)
+
+    from .relay import PortConflictError
 
     async def main() -> None:
         try:
@@ -322,10 +323,25 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise SystemExit(code)
 
 
-def _control_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the user's to fix, reported as one line.
+
+    Looked up when needed, so that `atlax relayctl` never loads the relay: a relay error can
+    only have been raised by a command that imported the relay.
+    """
     from .control.client import ControlSocketError
 
-    errors: list[type[BaseException]] = [ControlSocketError]
+    errors: list[type[BaseException]] = [
+        ControlSocketError,
+        UsageError,
+        ConfigError,
+        CertificateError,
+        TLSConfigError,
+    ]
+    if "atlax.relay" in sys.modules:
+        from .relay import PortConflictError
+
+        errors.append(PortConflictError)
     try:
         from atlax_operator.cli import OperatorError
 
@@ -333,16 +349,6 @@ def _control_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(errors)
-
-
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    *_control_errors(),
-    UsageError,
-    ConfigError,
-    CertificateError,
-    TLSConfigError,
-    PortConflictError,
-)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -359,12 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BaseException as exc:
         leaves = list(_leaves(exc))
-        if not leaves or not all(isinstance(e, _EXPECTED) for e in leaves):
+        users = user_errors()
+        if not leaves or not all(isinstance(e, (*users, ValueError, OSError)) for e in leaves):
             raise  # a bug: keep the traceback
-        fail("; ".join(dict.fromkeys(_user_message(e) for e in leaves)))
-
-
-_EXPECTED = (*USER_ERRORS, ValueError, OSError)
+        fail("; ".join(dict.fromkeys(_user_message(e, users) for e in leaves)))
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
@@ -375,8 +379,8 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
         yield exc
 
 
-def _user_message(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and not isinstance(exc, USER_ERRORS) and exc.strerror:
+def _user_message(exc: BaseException, users: tuple[type[BaseException], ...]) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, users) and exc.strerror:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror}{where}"
     return describe(exc)

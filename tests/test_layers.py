@@ -22,9 +22,10 @@ def test_import_contracts_are_kept() -> None:
 
 
 def test_relayctl_and_the_operator_load_no_relay() -> None:
-    """What a control client loads at run time: not the relay, the mux or Prometheus."""
+    """What a control client loads at run time (`atlax relayctl` starts in atlax.cli): not the
+    relay, the mux or Prometheus."""
     probe = (
-        "import sys, atlax.relayctl, atlax.control.client, atlax_operator.handlers\n"
+        "import sys, atlax.cli, atlax.relayctl, atlax.control.client, atlax_operator.handlers\n"
         "bad = sorted(m for m in sys.modules if m in ('atlax.relay', 'atlax.mux', 'atlax.metrics',"
         " 'atlax.control.server', 'prometheus_client') or m.startswith(('atlax.relay.', "
         "'atlax.mux.', 'prometheus_client.')))\n"
