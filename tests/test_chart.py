@@ -63,6 +63,18 @@ def test_chart_crd_is_the_manifest_crd() -> None:
     ).read_text()
 
 
+def test_helm_renders_the_chart_without_a_kube_version() -> None:
+    """helm is built with the ldflags of its own Makefile (hack/tools): it knows its version and
+    the Kubernetes version of its client (1.31), which the chart's `kubeVersion: >=1.27.0-0`
+    accepts. Without them it assumed v1.20.0 and refused the chart."""
+    version = helm("version", "--template", "{{.Version}} {{.GitCommit}}").stdout.split()
+    assert version[0] == "v3.16.4" and len(version[1]) == 40, version
+    result = helm("template", "atlax", str(CHART), check=False)
+    assert result.returncode == 0, result.stderr
+    kinds = {d["kind"] for d in yaml.safe_load_all(result.stdout) if d}
+    assert {"Deployment", "Service", "ServiceAccount"} <= kinds
+
+
 def test_helm_lint() -> None:
     result = helm("lint", str(CHART), "--kube-version", KUBE_VERSION, "--strict")
     assert "0 chart(s) failed" in result.stdout
