@@ -33,3 +33,25 @@ def test_quick_benchmark_writes_every_metric(tmp_path: Path) -> None:
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "atlax/ssh -R" in result.stdout
+
+
+def test_the_run_ends_with_table_and_json_when_matplotlib_is_missing(tmp_path: Path) -> None:
+    """The chart is optional: without matplotlib the run still ends well (it used to crash with
+    `No module named 'matplotlib'` after measuring everything) and says how to get the chart."""
+    out = tmp_path / "bench.json"
+    script = (
+        "import sys; sys.modules['matplotlib'] = None  # as if not installed: the import fails\n"
+        "from atlax.bench.__main__ import main\n"
+        f"sys.exit(main(['--quick', '--json', {str(out)!r}]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "atlax/ssh -R" in result.stdout
+    assert set(json.loads(out.read_text())["metrics"]) == set(METRICS)
+    assert not out.with_suffix(".png").exists()
+    assert (
+        "no chart: matplotlib is not installed (pip install 'atlax[bench]'); "
+        f"{out.with_suffix('.png')} skipped"
+    ) in result.stderr

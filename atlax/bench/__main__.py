@@ -4,7 +4,8 @@ Runs Atlax, `ssh -R` and the direct path side by side on 127.0.0.1, metric by me
 measured on every path before the next metric), prints a table with the ratio Atlax / ssh -R,
 and writes JSON and a PNG chart of the ratios. Throughput and round trips are measured in
 rounds that take turns between the paths, so a slow second of a shared machine does not land
-on one path only.
+on one path only. The chart needs matplotlib (`pip install 'atlax[bench]'`, part of `dev`);
+without it the run still prints the table and writes the JSON.
 """
 
 from __future__ import annotations
@@ -132,8 +133,12 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def chart(results: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
+def chart(results: dict[str, dict[str, Any]], path: Path) -> bool:
+    """Bar chart of the ratios; False if matplotlib (the `bench` extra) is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -154,6 +159,7 @@ def chart(results: dict[str, dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,15 +183,31 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"atlax.bench: error: {exc}", file=sys.stderr)
         return 1
-    print(table(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"quick": args.quick, "metrics": results}, indent=2) + "\n")
-    png = args.png or (args.json.with_suffix(".png") if args.json else None)
-    if png:
-        chart(results, png)
-        print(f"wrote {args.json or ''} {png}".strip(), file=sys.stderr)
+    report(results, args.quick, args.json, args.png, log)
     return 0
+
+
+def report(
+    results: dict[str, dict[str, Any]],
+    quick: bool,
+    json_path: Path | None,
+    png: Path | None,
+    log: Callable[[str], None],
+) -> None:
+    """The table on stdout, then the JSON and the chart (next to the JSON unless given)."""
+    print(table(results))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"quick": quick, "metrics": results}, indent=2) + "\n")
+        log(f"wrote {json_path}")
+    png = png or (json_path.with_suffix(".png") if json_path else None)
+    if png:
+        if chart(results, png):
+            log(f"wrote {png}")
+        else:
+            log(
+                f"no chart: matplotlib is not installed (pip install 'atlax[bench]'); {png} skipped"
+            )
 
 
 if __name__ == "__main__":
