@@ -32,8 +32,8 @@ def load_config() -> None:
     """$KUBECONFIG when set, else the in-cluster ServiceAccount, else ~/.kube/config."""
     path = os.environ.get("KUBECONFIG")
     try:
-        if path:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
+        if path:  # passed on: the client reads $KUBECONFIG once, when it is imported
+            config.load_kube_config(config_file=path)  # type: ignore[no-untyped-call]
         elif os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         else:
