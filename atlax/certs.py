@@ -279,10 +279,15 @@ def load_ca(directory: Path) -> CertKeyPair:
     return load_pair(directory / "ca.crt", directory / "ca.key")
 
 
+def renewal_time(cert: x509.Certificate, fraction: float = 2 / 3) -> datetime:
+    """When `fraction` of the certificate's lifetime has passed."""
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return start + (end - start) * fraction
+
+
 def needs_renewal(cert: x509.Certificate, now: datetime, fraction: float = 2 / 3) -> bool:
     """True once `fraction` of the certificate's lifetime has passed."""
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return now >= start + (end - start) * fraction
+    return now >= renewal_time(cert, fraction)
 
 
 def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:

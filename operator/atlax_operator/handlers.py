@@ -2,7 +2,8 @@
 
 - create/resume/update: certificate Secret, desired state at the relay, ports on the Service.
 - timer: live state from the relay into status; re-push after a relay restart or drift; retry
-  conflicts; renew certificates two thirds into their lifetime.
+  conflicts; renew certificates two thirds into their lifetime (the time is kept in status, so
+  a tick reads no Secret).
 - delete: revoke at the relay, remove the ports, delete the Secret.
 
 Port ownership: the relay serializes claims while it runs, but forgets everything when it
@@ -16,25 +17,26 @@ import asyncio
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import kopf
-from cryptography import x509
 from kubernetes.client.exceptions import ApiException
 
 from atlax import certs
 from atlax.control.client import ControlClient, ControlSocketError
 from atlax.isotime import iso_utc
 
-from . import GROUP, KIND, PLURAL, VERSION, kube, pki
+from . import GROUP, PLURAL, VERSION, kube, pki
 from .conditions import condition_true, same_conditions, set_condition
 
 log = logging.getLogger("atlax.operator")
 
 RELAY_CERT_CHECK_INTERVAL = 3600.0
 RETRYING = "its ports are not open yet (retrying)"
+ONE_SECOND = timedelta(seconds=1)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,27 @@ class OperatorState:
         self.client = ControlClient(self.config.control_socket)
 
 
+class PortsReason(StrEnum):
+    """The PortsOpen condition's reason (and the event's) after trying to open an agent's ports."""
+
+    OPEN = "Open"
+    PORT_CONFLICT = "PortConflict"
+    SERVICE_NOT_FOUND = "ServiceNotFound"
+    RELAY_UNAVAILABLE = "RelayUnavailable"  # retried soon: the relay is starting or restarting
+    REJECTED = "Rejected"
+
+
+@dataclass(frozen=True)
+class PortsResult:
+    reason: PortsReason
+    message: str
+    address: str | None = None  # the Service's load-balancer address, once the ports are open
+
+    @property
+    def open(self) -> bool:
+        return self.reason is PortsReason.OPEN
+
+
 def _relay_services(spec: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for s in spec.get("services", []):
@@ -77,17 +100,6 @@ def _ports_text(spec: dict[str, Any]) -> str:
     return ",".join(f"{s['name']}:{s['port']}" for s in spec.get("services", []))
 
 
-def _owner(body: kopf.Body) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": KIND,
-        "name": body["metadata"]["name"],
-        "uid": body["metadata"]["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def _relay_ports(live: dict[str, Any]) -> set[tuple[str, int]]:
     return {(s["name"], int(s["port"])) for s in live.get("services", [])}
 
@@ -98,6 +110,15 @@ def _spec_ports(spec: dict[str, Any]) -> set[tuple[str, int]]:
 
 def _condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any]:
     return next((c for c in conditions if c.get("type") == type_), {})
+
+
+def _renewal_due(status: dict[str, Any]) -> bool:
+    """The certificate's renewal time (from status) has come, or status does not tell it yet."""
+    when = status.get("certificateRenewalTime")
+    try:
+        return not when or datetime.now(UTC) >= datetime.fromisoformat(when)
+    except (TypeError, ValueError):
+        return True
 
 
 class Reconciler:
@@ -147,9 +168,9 @@ class Reconciler:
             raise kopf.PermanentError(str(exc)) from None
         try:
             cert, reissued = await pki.ensure_agent_secret(
-                cfg.namespace, name, ca, lifetime, cfg.relay_address, _owner(body)
+                cfg.namespace, name, ca, lifetime, cfg.relay_address, body
             )
-            ports_ok, reason, message, lb = await self._open_ports(name, spec)
+            ports = await self._open_ports(name, spec)
         except ApiException as exc:
             raise kopf.TemporaryError(kube.describe(exc), delay=10) from None
         secret = pki.agent_secret_name(name)
@@ -164,12 +185,15 @@ class Reconciler:
             conditions, "CertificateIssued", True, "Issued", f"Secret {secret}", generation
         )
         before = _condition(conditions, "PortsOpen")
-        conditions = set_condition(conditions, "PortsOpen", ports_ok, reason, message, generation)
+        conditions = set_condition(
+            conditions, "PortsOpen", ports.open, ports.reason.value, ports.message, generation
+        )
         if (before.get("status"), before.get("message")) != (
-            "True" if ports_ok else "False",
-            message,
+            "True" if ports.open else "False",
+            ports.message,
         ):  # events on transitions only: the timer retries conflicts every few seconds
-            (kopf.info if ports_ok else kopf.warn)(body, reason=reason, message=message)
+            post = kopf.info if ports.open else kopf.warn
+            post(body, reason=ports.reason.value, message=ports.message)
         connected = bool(body.get("status", {}).get("connected", False))
         conditions = self._ready(conditions, connected, generation)
         patch.status["conditions"] = conditions
@@ -177,48 +201,49 @@ class Reconciler:
         patch.status["ports"] = _ports_text(spec)
         patch.status["secretName"] = secret
         patch.status["certificateNotAfter"] = iso_utc(cert.not_valid_after_utc)
+        # Read back by the timer (no Secret read per tick). A second later than the exact time,
+        # which the timestamp's whole seconds would cut: never due before pki's own check agrees.
+        patch.status["certificateRenewalTime"] = iso_utc(certs.renewal_time(cert) + ONE_SECOND)
         patch.status["publicAddress"] = (
-            lb or cfg.public_address or cfg.relay_address.rsplit(":", 1)[0]
+            ports.address or cfg.public_address or cfg.relay_address.rsplit(":", 1)[0]
         )
-        if not ports_ok and reason == "RelayUnavailable":
-            raise kopf.TemporaryError(message, delay=5)
+        if ports.reason is PortsReason.RELAY_UNAVAILABLE:
+            raise kopf.TemporaryError(ports.message, delay=5)
 
-    async def _open_ports(
-        self, name: str, spec: dict[str, Any]
-    ) -> tuple[bool, str, str, str | None]:
+    async def _open_ports(self, name: str, spec: dict[str, Any]) -> PortsResult:
         """Service ownership first (it survives relay restarts), then the relay, then the Service's
-        port list. Returns (ok, reason, message, load-balancer address)."""
+        port list."""
         cfg = self.config
         owner = f"{cfg.namespace}/{name}"
         ports = {int(s["port"]) for s in spec.get("services", [])}
         try:
             await kube.check_service_ports(cfg.namespace, cfg.service_name, owner, ports)
-            ok, reason, message = await self._push(name, spec)
-            if not ok:
-                return ok, reason, message, None
+            pushed = await self._push(name, spec)
+            if not pushed.open:
+                return pushed
             lb = await kube.sync_service_ports(cfg.namespace, cfg.service_name, owner, ports)
         except kube.PortTakenError as exc:
             await self._release_foreign_ports(name, owner)
-            return False, "PortConflict", str(exc), None
+            return PortsResult(PortsReason.PORT_CONFLICT, str(exc))
         except kube.ServiceNotFoundError as exc:
-            return False, "ServiceNotFound", str(exc), None
-        return True, reason, message, lb
+            return PortsResult(PortsReason.SERVICE_NOT_FOUND, str(exc))
+        return PortsResult(pushed.reason, pushed.message, lb)
 
-    async def _push(self, name: str, spec: dict[str, Any]) -> tuple[bool, str, str]:
+    async def _push(self, name: str, spec: dict[str, Any]) -> PortsResult:
         extra = {"max_streams": spec["maxStreams"]} if spec.get("maxStreams") else {}
         try:
             # relayId before the PUT: if the relay restarts in between, the next tick sees a new id.
             relay_id = str((await self.state.client.health()).get("relayId"))
             status, reply = await self.state.client.put_agent(name, _relay_services(spec), **extra)
         except ControlSocketError as exc:
-            return False, "RelayUnavailable", str(exc)
+            return PortsResult(PortsReason.RELAY_UNAVAILABLE, str(exc))
         error = reply.get("error", "") if isinstance(reply, dict) else str(reply)
         if status == 200:
             self._pushed_to[name] = relay_id
-            return True, "Open", f"ports {_ports_text(spec)} open on the relay"
+            return PortsResult(PortsReason.OPEN, f"ports {_ports_text(spec)} open on the relay")
         if status == 409:
-            return False, "PortConflict", error
-        return False, "Rejected", f"the relay rejected the spec: {error}"
+            return PortsResult(PortsReason.PORT_CONFLICT, error)
+        return PortsResult(PortsReason.REJECTED, f"the relay rejected the spec: {error}")
 
     async def _release_foreign_ports(self, name: str, owner: str) -> None:
         """If the relay lets this agent hold a port the Service gives to another TunnelAgent (it
@@ -288,7 +313,7 @@ class Reconciler:
             relay_error = None
             live = next((a for a in listing.get("agents", []) if a["name"] == name), None)
             why = self._push_needed(name, spec, status, live, str(listing.get("relayId")))
-            if why is None and await self._renewal_due(name):
+            if why is None and _renewal_due(status):
                 why = "its certificate is due for renewal"
             if why is not None:
                 level = logging.DEBUG if why == RETRYING else logging.INFO
@@ -368,13 +393,6 @@ class Reconciler:
             )
         except (kube.PortTakenError, kube.ServiceNotFoundError) as exc:
             log.warning("TunnelAgent %r: %s", name, exc)
-
-    async def _renewal_due(self, name: str) -> bool:
-        data = await kube.read_secret(self.config.namespace, pki.agent_secret_name(name))
-        if data is None or "tls.crt" not in data:
-            return True
-        cert = x509.load_pem_x509_certificate(data["tls.crt"])
-        return certs.needs_renewal(cert, datetime.now(UTC))
 
     # -- delete ------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio.to_thread
+import kopf
 import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -128,7 +129,7 @@ async def create_secret(
     name: str,
     data: dict[str, bytes],
     *,
-    owner: dict[str, Any] | None = None,
+    owner: kopf.Body | None = None,
     type_: str = "kubernetes.io/tls",
     labels: dict[str, str] | None = None,
 ) -> bool:
@@ -141,7 +142,7 @@ async def put_secret(
     name: str,
     data: dict[str, bytes],
     *,
-    owner: dict[str, Any] | None = None,
+    owner: kopf.Body | None = None,
     type_: str = "kubernetes.io/tls",
     labels: dict[str, str] | None = None,
 ) -> None:
@@ -172,7 +173,7 @@ async def delete_secret(namespace: str, name: str) -> None:
 def _secret_body(
     name: str,
     data: dict[str, bytes],
-    owner: dict[str, Any] | None,
+    owner: kopf.Body | None,
     type_: str,
     labels: dict[str, str] | None,
 ) -> dict[str, Any]:
@@ -180,15 +181,16 @@ def _secret_body(
         "name": name,
         "labels": {"app.kubernetes.io/managed-by": "atlax-operator", **(labels or {})},
     }
-    if owner is not None:
-        metadata["ownerReferences"] = [owner]
-    return {
+    body = {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": type_,
         "metadata": metadata,
         "data": {k: b64(v) for k, v in data.items()},
     }
+    if owner is not None:
+        kopf.append_owner_reference(body, owner=owner)  # controller, blockOwnerDeletion
+    return body
 
 
 class PortTakenError(Exception):

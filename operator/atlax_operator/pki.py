@@ -8,8 +8,8 @@ import os
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
+import kopf
 from cryptography import x509
 
 from atlax import certs
@@ -128,9 +128,10 @@ async def ensure_agent_secret(
     ca: certs.CertKeyPair,
     lifetime: timedelta,
     relay: str,
-    owner: dict[str, Any],
+    owner: kopf.Body,
 ) -> tuple[x509.Certificate, bool]:
-    """Keep the agent's certificate while it is good; else mint a new one. (cert, reissued)."""
+    """Keep the agent's certificate while it is good; else mint a new one. (cert, reissued).
+    The Secret is owned by the TunnelAgent `owner` (garbage-collected with it)."""
     secret = agent_secret_name(name)
     data = await kube.read_secret(namespace, secret)
     if data is not None and "tls.crt" in data:
