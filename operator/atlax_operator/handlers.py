@@ -8,14 +8,14 @@
 
 Port ownership: the relay serializes claims while it runs, but forgets everything when it
 restarts; the Service's `atlax.dev/ports` annotation survives, so it is checked before every push.
-Handlers and the timer of one TunnelAgent take the same lock, so they never push concurrently.
+Handlers and the timer of one TunnelAgent take the same lock, so they never push concurrently;
+a timer tick that gets the lock after the TunnelAgent was marked for deletion does nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -31,6 +31,7 @@ from atlax.isotime import iso_utc
 
 from . import GROUP, PLURAL, VERSION, kube, pki
 from .conditions import condition_true, same_conditions, set_condition
+from .locks import AgentLocks
 
 log = logging.getLogger("atlax.operator")
 
@@ -82,6 +83,15 @@ class PortsResult:
         return self.reason is PortsReason.OPEN
 
 
+@dataclass(frozen=True)
+class RelayView:
+    """What the relay's control socket says about one agent, or why it could not be asked."""
+
+    agent: dict[str, Any] | None = None  # None: the relay does not know it (or is unreachable)
+    relay_id: str | None = None  # changes when the relay process restarts
+    error: str | None = None  # the relay could not be reached
+
+
 def _relay_services(spec: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for s in spec.get("services", []):
@@ -125,7 +135,7 @@ class Reconciler:
     def __init__(self, state: OperatorState) -> None:
         self.state = state
         self.config = state.config
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.locks = AgentLocks()
         # relayId of the relay process each agent was last pushed to: a new id is a restart.
         self._pushed_to: dict[str, str] = {}
 
@@ -152,7 +162,7 @@ class Reconciler:
     # -- create / resume / update ------------------------------------------------------------
 
     async def reconcile(self, body: kopf.Body, patch: kopf.Patch) -> None:
-        async with self._locks[body["metadata"]["name"]]:
+        async with self.locks.hold(body["metadata"]["name"]):
             await self._reconcile(body, patch)
 
     async def _reconcile(self, body: kopf.Body, patch: kopf.Patch) -> None:
@@ -292,7 +302,11 @@ class Reconciler:
     # -- timer -------------------------------------------------------------------------------
 
     async def observe(self, body: kopf.Body, patch: kopf.Patch) -> None:
-        async with self._locks[body["metadata"]["name"]]:
+        async with self.locks.hold(body["metadata"]["name"]):
+            # kopf's timers see the live body. Marked for deletion while this tick waited for the
+            # lock (held by `delete`): a re-push now would bring the agent back at the relay.
+            if body["metadata"].get("deletionTimestamp"):
+                return
             try:
                 await self._observe(body, patch)
             except ApiException as exc:
@@ -304,15 +318,9 @@ class Reconciler:
         spec = dict(body.get("spec", {}))
         status = dict(body.get("status", {}))
         generation = body["metadata"].get("generation")
-        try:
-            listing = await self.state.client.agents()
-        except ControlSocketError as exc:
-            live: dict[str, Any] | None = None
-            relay_error: str | None = str(exc)
-        else:
-            relay_error = None
-            live = next((a for a in listing.get("agents", []) if a["name"] == name), None)
-            why = self._push_needed(name, spec, status, live, str(listing.get("relayId")))
+        view = await self._relay_view(name)
+        if view.error is None:
+            why = self._push_needed(name, spec, status, view)
             if why is None and _renewal_due(status):
                 why = "its certificate is due for renewal"
             if why is not None:
@@ -320,16 +328,16 @@ class Reconciler:
                 log.log(level, "TunnelAgent %r: reconciling because %s", name, why)
                 await self._reconcile(body, patch)
                 status = {**status, **dict(patch.status)}
-                listing = await self.state.client.agents()
-                live = next((a for a in listing.get("agents", []) if a["name"] == name), None)
+                view = await self._relay_view(name)  # the relay may be gone again
             else:
                 # The Service's ports can be reset behind our back (`helm upgrade` rewrites the
                 # port list): put this agent's back. No write when nothing changed.
                 await self._repair_service_ports(name, spec)
+        live = view.agent
         connected = bool(live and live.get("connected"))
         conditions = list(status.get("conditions", []))
-        if relay_error is not None:
-            message = f"relay not reachable: {relay_error}"
+        if view.error is not None:
+            message = f"relay not reachable: {view.error}"
         else:
             message = (
                 f"tunnel up from {live.get('peer')}"
@@ -365,20 +373,24 @@ class Reconciler:
                 patch.status[key] = value
             patch.status["conditions"] = new
 
+    async def _relay_view(self, name: str) -> RelayView:
+        try:
+            listing = await self.state.client.agents()
+        except ControlSocketError as exc:
+            return RelayView(error=str(exc))
+        live = next((a for a in listing.get("agents", []) if a["name"] == name), None)
+        return RelayView(live, str(listing.get("relayId")))
+
     def _push_needed(
-        self,
-        name: str,
-        spec: dict[str, Any],
-        status: dict[str, Any],
-        live: dict[str, Any] | None,
-        relay_id: str,
+        self, name: str, spec: dict[str, Any], status: dict[str, Any], view: RelayView
     ) -> str | None:
         """Why the desired state must be pushed again, or None."""
+        live = view.agent
         if not condition_true(status.get("conditions", []), "PortsOpen"):
             return RETRYING
         if live is None:
             return "the relay does not know it (restarted?)"
-        if self._pushed_to.get(name) != relay_id:
+        if self._pushed_to.get(name) != view.relay_id:
             return "the relay restarted"
         if _relay_ports(live) != _spec_ports(spec):
             return "the relay's ports differ from the spec"
@@ -398,10 +410,9 @@ class Reconciler:
 
     async def delete(self, body: kopf.Body, retry: int) -> None:
         name = body["metadata"]["name"]
-        async with self._locks[name]:
+        async with self.locks.hold(name):
             await self._delete(body, retry)
-        self._locks.pop(name, None)
-        self._pushed_to.pop(name, None)
+            self._pushed_to.pop(name, None)
 
     async def _delete(self, body: kopf.Body, retry: int) -> None:
         cfg = self.config
