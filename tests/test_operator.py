@@ -167,17 +167,22 @@ def stack(control_plane: ControlPlane, tmp_path: Path) -> Iterator[Stack]:
         print((tmp_path / "operator.log").read_text()[-3000:])
 
 
-def relay_holders(stack: Stack) -> dict[int, str]:
-    """port -> agent, as the relay's control socket reports it ({} while the relay is down)."""
+def relay_agents(stack: Stack) -> list[dict[str, Any]]:
+    """The agents as the relay's control socket reports them ([] while the relay is down)."""
 
     async def ask() -> dict[str, Any]:
         return await ControlClient(stack.socket, timeout=3).agents()
 
     try:
-        listing = anyio.run(ask)
+        agents: list[dict[str, Any]] = anyio.run(ask)["agents"]
     except ControlSocketError:
-        return {}
-    return {s["port"]: a["name"] for a in listing["agents"] for s in a["services"]}
+        return []
+    return agents
+
+
+def relay_holders(stack: Stack) -> dict[int, str]:
+    """port -> agent, as the relay's control socket reports it ({} while the relay is down)."""
+    return {s["port"]: a["name"] for a in relay_agents(stack) for s in a["services"]}
 
 
 def service_ports(cp: ControlPlane) -> set[int]:
@@ -335,7 +340,16 @@ def test_relay_restart_is_repaired(stack: Stack) -> None:
                 stack.relay.wait(5)
                 await wait_until(lambda: agent.session is None, 10)
                 stack.start_relay()
-                await wait_until(lambda: agent.session is not None, 30)  # re-pushed, agent back
+                # Re-pushed and the agent back, in the relay's own words: the agent's session is
+                # also set, for a moment, by a connection the relay is about to refuse (the relay
+                # sends SETTINGS before it checks the identity), which is what made this flaky.
+                await anyio.to_thread.run_sync(
+                    lambda: wait_for(
+                        lambda: any(a["connected"] for a in relay_agents(stack)),
+                        30,
+                        "the relay to serve home-nas again",
+                    )
+                )
                 assert await exchange(port, b"after") == b"after"
 
     anyio.run(run)
