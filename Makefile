@@ -18,8 +18,8 @@ test: setup tools
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check atlax tests
-	$(VENV)/bin/ruff format --check atlax tests
+	$(VENV)/bin/ruff check atlax operator tests
+	$(VENV)/bin/ruff format --check atlax operator tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
