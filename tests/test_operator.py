@@ -261,7 +261,7 @@ def test_tunnel_agent_end_to_end(stack: Stack) -> None:
                 assert table.splitlines()[1].split()[:3] == ["home-nas", "True", "true"]
                 await anyio.to_thread.run_sync(
                     lambda: cp.kubectl(
-                        "delete", "tunnelagent", "home-nas", "-n", NS, "--timeout=30s"
+                        "delete", "tunnelagent", "home-nas", "-n", NS, "--timeout=50s"
                     )
                 )
                 assert not _port_open(web)
@@ -310,7 +310,7 @@ def test_port_conflict_between_two_tunnel_agents(stack: Stack) -> None:
     ]
     assert 1 <= len(warnings) <= 2, warnings  # on transitions, not on every retry
 
-    cp.kubectl("delete", "tunnelagent", "first", "-n", NS, "--timeout=30s")
+    cp.kubectl("delete", "tunnelagent", "first", "-n", NS, "--timeout=50s")
     wait_for(
         lambda: stack.condition("second", "PortsOpen").get("status") == "True",
         60,
@@ -353,6 +353,33 @@ def test_relay_restart_is_repaired(stack: Stack) -> None:
                 assert await exchange(port, b"after") == b"after"
 
     anyio.run(run)
+
+
+@pytest.mark.k8s
+def test_delete_while_a_timer_tick_waits_on_the_relay(stack: Stack) -> None:
+    """The relay stalls (SIGSTOP) while a status tick asks it for its agents, and the TunnelAgent
+    is deleted meanwhile: the tick and the delete handler (which retries while the relay does not
+    answer) both finish once it resumes, the finalizer goes, the port closes."""
+    cp = stack.cp
+    port = free_port()
+    apply(cp, tunnel_agent("home-nas", web=port))
+    wait_for(
+        lambda: stack.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen"
+    )
+    stack.relay.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(3)  # the 1 s status timer is now stuck in a call to the stopped relay
+        cp.kubectl("delete", "tunnelagent", "home-nas", "-n", NS, "--wait=false")
+        time.sleep(2)  # delete comes in while the tick is still waiting
+    finally:
+        stack.relay.send_signal(signal.SIGCONT)
+    wait_for(
+        lambda: not kubectl_json(cp, "get", "tunnelagents", "-n", NS)["items"],
+        30,
+        "the TunnelAgent to be gone",
+    )
+    wait_for(lambda: not _port_open(port), 10, "the port to close")
+    assert relay_holders(stack) == {}
 
 
 @pytest.mark.k8s
@@ -436,8 +463,11 @@ def test_service_ports_overwritten_by_someone_else_are_restored(stack: Stack) ->
             "ports": [{"name": "7443-7443", "port": 7443, "targetPort": 7443, "protocol": "TCP"}]
         }
     }
-    cp.kubectl("patch", "service", "atlax-relay", "-n", NS, "--type=merge", "-p", json.dumps(patch))
-    assert port not in service_ports(cp)
+    # The patch's own answer shows the overwrite: a second read can already see the repair.
+    overwritten = kubectl_json(
+        cp, "patch", "service", "atlax-relay", "-n", NS, "--type=merge", "-p", json.dumps(patch)
+    )
+    assert [p["port"] for p in overwritten["spec"]["ports"]] == [7443]
     wait_for(lambda: port in service_ports(cp), 30, "the operator to restore the port")
 
 

@@ -459,6 +459,10 @@ def build_registry(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Recon
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="atlax.dev")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="atlax.dev")
         settings.watching.server_timeout = 60
+        # A TunnelAgent is released (its finalizer removed) only once its timer has exited; if
+        # a tick is still running when kopf checks and no later event comes, kopf looks again
+        # after this many seconds (its default is 60).
+        settings.background.cancellation_polling = 1.0
         if reconciler.state.ca is None:  # `atlax operator` prepares certificates before kopf
             await reconciler.startup()
 
