@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .protocol import names
 from .tls import CertificateError as CertificateError  # re-exported: defined without cryptography
 
-_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _DNS = re.compile(
     r"(\*\.)?[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*"
 )
@@ -78,11 +78,8 @@ def parse_lifetime(text: str) -> timedelta:
 
 
 def _check_name(name: str, what: str) -> None:
-    if not (1 <= len(name) <= 63 and _NAME.fullmatch(name)):
-        raise CertificateError(
-            f"{what} {name!r} must be 1-63 characters of lowercase letters, digits, '-' and '.', "
-            "starting and ending with a letter or digit"
-        )
+    if not names.is_agent_name(name):
+        raise CertificateError(f"{what} {name!r} must be {names.AGENT_RULE}")
 
 
 def _new_cert(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -23,8 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-_SERVICE = r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$"
-_AGENT = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+from .protocol import names
 
 
 class ConfigError(Exception):
@@ -71,6 +71,8 @@ def _host_port(value: Any) -> Any:
 
 
 HostPortField = Annotated[HostPort, BeforeValidator(_host_port)]
+AgentName = Annotated[str, AfterValidator(names.check_agent_name)]
+ServiceName = Annotated[str, AfterValidator(names.check_service_name)]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -81,7 +83,7 @@ class _Model(BaseModel):
 class ServiceSpec(_Model):
     """A public port on the relay, forwarded to the agent's service of the same name."""
 
-    name: str = Field(pattern=_SERVICE, max_length=63)
+    name: ServiceName
     port: int = Field(ge=1, le=65535)
     proxy_protocol: Literal["v2"] | None = None
     allow: tuple[Network, ...] = ()
@@ -102,7 +104,7 @@ class ServiceSpec(_Model):
 
 
 class AgentSpec(_Model):
-    name: str = Field(pattern=_AGENT, max_length=63)
+    name: AgentName
     services: tuple[ServiceSpec, ...]
     max_streams: int | None = Field(default=None, ge=1)
 
@@ -191,8 +193,7 @@ class AgentConfig(_Model):
     @classmethod
     def _names(cls, value: dict[str, HostPort]) -> dict[str, HostPort]:
         for name in value:
-            if not re.fullmatch(_SERVICE, name) or len(name) > 63:
-                raise ValueError(f"service name {name!r} must be 1-63 characters of [a-z0-9_-]")
+            names.check_service_name(name)
         return value
 
 
@@ -274,8 +275,10 @@ def parse_agent_spec(data: object, *, source: str) -> AgentSpec:
 def parse_service_mapping(text: str) -> tuple[str, HostPort]:
     """'web=127.0.0.1:8080' for the agent's --service flag."""
     name, sep, target = text.partition("=")
-    if not sep or not re.fullmatch(_SERVICE, name):
-        raise ValueError(f"--service {text!r}: expected NAME=HOST:PORT with NAME of [a-z0-9_-]")
+    if not sep:
+        raise ValueError(f"--service {text!r}: expected NAME=HOST:PORT")
+    if not names.is_service_name(name):
+        raise ValueError(f"--service {text!r}: NAME must be {names.SERVICE_RULE}")
     try:
         return name, parse_host_port(target)
     except ValueError as exc:

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase
 
-from atlax.protocol import Connection, Origin, RemoteProtocolError, Role, Settings
+from atlax.protocol import Connection, Origin, RemoteProtocolError, Role, Settings, names
 from atlax.protocol.frames import (
     FrameDecoder,
     decode_open_payload,
@@ -120,7 +120,10 @@ ADDRESS_V4 = st.ip_addresses(v=4)
 PORT = st.integers(0, 65535)
 
 
-@given(st.from_regex(r"[a-z0-9_-]{1,63}", fullmatch=True), ADDRESS_V4, PORT, ADDRESS_V4, PORT)
+SERVICE = st.from_regex(names.SERVICE_PATTERN, fullmatch=True).filter(names.is_service_name)
+
+
+@given(SERVICE, ADDRESS_V4, PORT, ADDRESS_V4, PORT)
 def test_open_round_trips(
     name: str,
     src: ipaddress.IPv4Address,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import ErrorCode, RemoteProtocolError
+from .names import SERVICE_RULE, is_service_name
 
 HEADER = struct.Struct("!IIBBH")
 HEADER_SIZE = HEADER.size  # 12
@@ -27,7 +27,6 @@ Payload = bytes | bytearray  # a bytearray when the decoder read it into a buffe
 _U32 = struct.Struct("!I")
 _GOAWAY = struct.Struct("!II")
 _SETTING = struct.Struct("!HI")
-SERVICE_NAME = re.compile(r"[a-z0-9_-]{1,63}")
 
 
 class FrameType(enum.IntEnum):
@@ -129,8 +128,8 @@ def encode_settings(settings: Settings) -> bytes:
 def encode_open_payload(
     service: str, origin: Origin | None = None, proxy_protocol: int | None = None
 ) -> bytes:
-    if not SERVICE_NAME.fullmatch(service):
-        raise ValueError(f"service name {service!r} must be 1-63 characters of [a-z0-9_-]")
+    if not is_service_name(service):
+        raise ValueError(f"service name {service!r} must be {SERVICE_RULE}")
     name = service.encode("ascii")
     parts = [bytes([len(name)]), name]
     if origin is not None:
@@ -197,8 +196,8 @@ def decode_open_payload(payload: Payload) -> OpenRequest:
     if len(raw) != payload[0]:
         raise RemoteProtocolError("OPEN service name is truncated")
     service = raw.decode("ascii", errors="replace")
-    if not SERVICE_NAME.fullmatch(service):
-        raise RemoteProtocolError(f"OPEN service name {service!r} is not [a-z0-9_-]{{1,63}}")
+    if not is_service_name(service):
+        raise RemoteProtocolError(f"OPEN service name {service!r} is not {SERVICE_RULE}")
     origin: Origin | None = None
     proxy_protocol: int | None = None
     pos = end
