@@ -17,7 +17,6 @@ from ipaddress import IPv4Address, IPv6Address
 
 import anyio
 import anyio.abc
-from anyio import BrokenResourceError
 from proxyprotocol.result import (
     ProxyResult,
     ProxyResultIPv4,
@@ -29,8 +28,18 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from .config import AgentSettings, HostPort
 from .logs import describe
-from .mux import MuxSession, MuxStream
-from .protocol import ALPN, ErrorCode, KeepaliveConfig, Origin, Role, Settings, error_name
+from .mux import MuxSession, MuxStream, TunnelClosedError
+from .protocol import (
+    ALPN,
+    ConnectionEnd,
+    EndReason,
+    ErrorCode,
+    KeepaliveConfig,
+    Origin,
+    Role,
+    Settings,
+    error_name,
+)
 from .tls import TLSConfigError, agent_context, file_fingerprint
 
 log = logging.getLogger("atlax.agent")
@@ -124,7 +133,7 @@ class Agent:
             async def announce() -> None:
                 try:
                     await session.wait_ready()
-                except BrokenResourceError:
+                except TunnelClosedError:
                     return
                 self.session = session
                 self.connects += 1
@@ -146,22 +155,28 @@ class Agent:
         if self.session is session:
             self.session = None
             self.connected = anyio.Event()
-        reason = self._reason(session)
+        end = session.end
+        reason = self._reason(end)
         self.last_error = reason
-        healthy = session.goaway is None or session.goaway.error_code == ErrorCode.NO_ERROR
-        if healthy and anyio.current_time() - started >= HEALTHY_AFTER:
+        refused = (
+            end is not None
+            and end.reason is EndReason.PEER_GOAWAY
+            and end.code != ErrorCode.NO_ERROR
+        )
+        if not refused and anyio.current_time() - started >= HEALTHY_AFTER:
             log.warning("tunnel to %s ended: %s", s.relay, reason)
             return
         raise TunnelDownError(reason)
 
     @staticmethod
-    def _reason(session: MuxSession) -> str:
-        if session.goaway is not None and session.goaway.error_code != ErrorCode.NO_ERROR:
-            g = session.goaway
-            return f"relay closed the tunnel ({error_name(g.error_code)}): {g.message}"
-        if session.goaway is not None:
-            return f"relay is going away: {session.goaway.message or 'no reason given'}"
-        return session.error or "tunnel closed"
+    def _reason(end: ConnectionEnd | None) -> str:
+        if end is None:
+            return "tunnel closed"
+        if end.reason is EndReason.PEER_GOAWAY and end.code != ErrorCode.NO_ERROR:
+            return f"relay closed the tunnel ({error_name(end.code)}): {end.detail}"
+        if end.reason is EndReason.PEER_GOAWAY:
+            return f"relay is going away: {end.detail or 'no reason given'}"
+        return str(end)
 
     async def _serve_stream(self, stream: MuxStream) -> None:
         target = self.services.get(stream.service)

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from .http import Request, Response, serve_http_connection
 from .net import accept_loop
+from .protocol import ConnectionEnd
 from .relay import ByteCounter, HandshakeFailure, Refusal, RelayObserver
 
 
@@ -50,6 +51,12 @@ class RelayMetrics(RelayObserver):
             ["port", "reason"],
             registry=r,
         )
+        self.tunnel_ends = Counter(
+            "atlax_tunnel_ends",
+            "Agent tunnels that ended, by the session's end reason.",
+            ["reason"],
+            registry=r,
+        )
         self.rtt = Histogram(
             "atlax_tunnel_rtt_seconds",
             "Round-trip time of keepalive PINGs through each tunnel.",
@@ -65,6 +72,9 @@ class RelayMetrics(RelayObserver):
 
     def agent_disconnected(self, agent: str) -> None:
         self.agents_connected.dec()
+
+    def tunnel_ended(self, agent: str, end: ConnectionEnd) -> None:
+        self.tunnel_ends.labels(end.reason.value).inc()
 
     def handshake_failed(self, reason: HandshakeFailure) -> None:
         self.handshake_failures.labels(reason.value).inc()

@@ -6,8 +6,11 @@ import pytest
 
 from atlax.protocol import (
     Connection,
+    ConnectionEnd,
+    ConnectionState,
     ConnectionTerminated,
     DataReceived,
+    EndReason,
     ErrorCode,
     Event,
     GoAwayReceived,
@@ -23,7 +26,15 @@ from atlax.protocol import (
     StreamReset,
     WindowUpdated,
 )
-from atlax.protocol.frames import FrameDecoder, FrameType, encode_frame, encode_settings, encode_u32
+from atlax.protocol.frames import (
+    FrameDecoder,
+    FrameType,
+    encode_frame,
+    encode_goaway_payload,
+    encode_settings,
+    encode_u32,
+)
+from atlax.protocol.state import ConnectionInput, next_state
 
 WINDOW = 65_536
 
@@ -339,3 +350,160 @@ def test_closed_connection_refuses_local_actions() -> None:
         client.open_stream("web")
     got, _ = pump(server, client)
     assert got == [GoAwayReceived(0, ErrorCode.PROTOCOL_ERROR, "bye")]
+
+
+# -- lifecycle: the state table and why a connection ended ---------------------------------------
+
+
+def test_the_lifecycle_follows_the_state_table() -> None:
+    client = Connection(Role.CLIENT, Settings(initial_window=WINDOW))
+    server = Connection(Role.SERVER, Settings(initial_window=WINDOW))
+    assert client.state is ConnectionState.AWAITING_SETTINGS
+    pump(client, server)
+    assert client.state is server.state is ConnectionState.OPEN
+    sid = server.open_stream("web")
+    pump(client, server)
+    client.close(ErrorCode.NO_ERROR, "certificate renewed")
+    pump(client, server)
+    assert client.state is ConnectionState.DRAINING_LOCAL
+    assert server.state is ConnectionState.DRAINING_REMOTE
+    assert client.ready and server.ready and not server.can_open_stream
+    server.send_data(sid, b"bye", end_stream=True)
+    client.end_stream(sid)
+    pump(client, server)
+    assert client.state is server.state is ConnectionState.CLOSED
+    assert client.end == ConnectionEnd(
+        EndReason.LOCAL_CLOSE, ErrorCode.NO_ERROR, "certificate renewed"
+    )
+    assert server.end == ConnectionEnd(
+        EndReason.PEER_GOAWAY, ErrorCode.NO_ERROR, "certificate renewed"
+    )
+    assert client.end.clean and server.end.clean
+
+
+def test_a_drain_with_no_streams_closes_at_once() -> None:
+    client, server = pair()
+    server.close()
+    assert server.state is ConnectionState.CLOSED
+    pump(client, server)
+    assert client.state is ConnectionState.CLOSED
+    assert client.end is not None and client.end.reason is EndReason.PEER_GOAWAY
+
+
+def test_a_goaway_the_other_way_while_draining_keeps_who_started_it() -> None:
+    client, server = pair()
+    sid = server.open_stream("web")
+    pump(client, server)
+    server.close(ErrorCode.NO_ERROR, "relay shutting down")
+    client.close(ErrorCode.NO_ERROR, "agent leaving too")
+    pump(client, server)
+    assert server.state is ConnectionState.DRAINING_LOCAL
+    assert client.state is ConnectionState.DRAINING_LOCAL
+    server.reset_stream(sid)
+    pump(client, server)
+    assert server.end is not None and server.end.reason is EndReason.LOCAL_CLOSE
+    assert client.end is not None and client.end.reason is EndReason.LOCAL_CLOSE
+
+
+def test_an_error_after_a_graceful_goaway_is_the_reason() -> None:
+    client, server = pair()
+    server.open_stream("web")
+    pump(client, server)
+    server.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel")
+    server.close(ErrorCode.REPLACED, "drain timeout")
+    assert server.state is ConnectionState.CLOSED
+    assert server.end == ConnectionEnd(EndReason.LOCAL_CLOSE, ErrorCode.REPLACED, "drain timeout")
+    got, _ = pump(client, server)
+    assert got[-1] == GoAwayReceived(0, ErrorCode.REPLACED, "drain timeout")
+    assert client.end == ConnectionEnd(EndReason.PEER_GOAWAY, ErrorCode.REPLACED, "drain timeout")
+    assert str(client.end) == "peer sent GOAWAY (REPLACED): drain timeout"
+
+
+def test_the_transport_ending_names_why() -> None:
+    client, server = pair()
+    client.connection_lost(EndReason.PEER_CLOSED)
+    assert client.state is ConnectionState.CLOSED
+    assert client.end == ConnectionEnd(EndReason.PEER_CLOSED)
+    assert str(client.end) == "the peer closed the connection"
+    # While draining, an orderly end of the transport is the drain's end ...
+    sid = server.open_stream("web")
+    server.close()
+    server.connection_lost(EndReason.PEER_CLOSED)
+    assert server.end is not None and server.end.reason is EndReason.LOCAL_CLOSE
+    assert server.end.clean
+    # ... but a transport failure is not.
+    other_client, other = pair()
+    other.open_stream("web")
+    other.close()
+    other.connection_lost(EndReason.TRANSPORT_LOST, "connection reset by peer")
+    assert other.end == ConnectionEnd(
+        EndReason.TRANSPORT_LOST, ErrorCode.NO_ERROR, "connection reset by peer"
+    )
+    assert str(other.end) == "connection lost: connection reset by peer"
+    assert sid == 2
+
+
+def test_a_protocol_error_is_the_reason_and_nothing_after_it_is_processed() -> None:
+    client = _raw_server_to_client(_open(2))
+    with pytest.raises(RemoteProtocolError):
+        client.receive_data(encode_frame(FrameType.DATA, 0, 4, b"x"), now=0.0)
+    assert client.state is ConnectionState.CLOSED
+    assert client.end == ConnectionEnd(
+        EndReason.PROTOCOL_ERROR, ErrorCode.PROTOCOL_ERROR, "DATA for stream 4, never opened"
+    )
+
+
+def test_frames_after_an_error_goaway_in_the_same_read_are_not_processed() -> None:
+    client = _raw_server_to_client(_open(2))
+    goaway = encode_frame(
+        FrameType.GOAWAY, 0, 0, encode_goaway_payload(0, ErrorCode.UNAUTHORIZED, "no")
+    )
+    events = client.receive_data(goaway + encode_frame(FrameType.DATA, 0, 2, b"late"), now=0.0)
+    assert events == [GoAwayReceived(0, ErrorCode.UNAUTHORIZED, "no")]
+    assert client.state is ConnectionState.CLOSED
+
+
+def test_a_transition_the_table_lacks_is_a_local_error() -> None:
+    with pytest.raises(LocalProtocolError, match="no transition from closed on settings received"):
+        next_state(ConnectionState.CLOSED, ConnectionInput.SETTINGS_RECEIVED)
+    assert next_state(ConnectionState.CLOSED, ConnectionInput.ENDED) is ConnectionState.CLOSED
+
+
+def test_late_frames_for_a_stream_reset_long_ago_are_ignored() -> None:
+    """Ids only grow, so any id at or below the last one opened that is no longer live is over.
+    Only 4,096 reset ids used to be remembered: late DATA for an older one tore down the tunnel."""
+    client, server = pair()
+    first = server.open_stream("web")
+    server.reset_stream(first)
+    for _ in range(5_000):
+        server.reset_stream(server.open_stream("web"))
+    pump(client, server)
+    late = encode_frame(FrameType.DATA, 0, first, b"in flight since long ago")
+    assert server.receive_data(late, now=0.0) == []
+    update = encode_frame(FrameType.WINDOW_UPDATE, 0, first, encode_u32(100))
+    assert server.receive_data(update, now=0.0) == []
+    assert server.state is ConnectionState.OPEN
+    with pytest.raises(RemoteProtocolError, match="never opened"):  # ids not yet used still fail
+        server.receive_data(encode_frame(FrameType.DATA, 0, 2 * 6000, b"x"), now=0.0)
+
+
+def test_a_keepalive_timer_handled_late_waits_for_input_before_declaring_the_peer_dead() -> None:
+    """The event loop was blocked past the timeout: the peer's PING may wait unread in the
+    socket. The verdict waits a moment (one pass of the loop reads the socket first)."""
+    ka = KeepaliveConfig(interval=1.0, timeout=3.0)
+    client = Connection(Role.CLIENT, keepalive=ka, now=0.0)
+    server = Connection(Role.SERVER, now=0.0)
+    pump(client, server, now=0.0)
+    assert client.get_timer() == 1.0
+    assert client.handle_timer(10.0) == []  # 9 s late: not yet
+    assert [f.type for f in FrameDecoder().feed(client.data_to_send())] == [FrameType.PING]
+    assert client.get_timer() == pytest.approx(10.1)
+    server.ping(10.0)
+    client.receive_data(server.data_to_send(), now=10.05)  # what waited in the socket
+    assert client.handle_timer(10.1) == []
+    assert client.state is ConnectionState.OPEN
+    # Really silent: declared dead at the next, on-time, check.
+    assert client.handle_timer(20.0) == []
+    assert client.handle_timer(client.get_timer() or 0.0) == [
+        ConnectionTerminated(ErrorCode.KEEPALIVE_TIMEOUT, "nothing received from the peer for 3s")
+    ]

@@ -9,9 +9,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase
 
-from atlax.protocol import Connection, Origin, RemoteProtocolError, Role, Settings, names
+from atlax.protocol import (
+    Connection,
+    ConnectionState,
+    EndReason,
+    Origin,
+    RemoteProtocolError,
+    Role,
+    Settings,
+    names,
+)
 from atlax.protocol.frames import (
     FrameDecoder,
+    FrameType,
     decode_open_payload,
     encode_frame,
     encode_open_payload,
@@ -33,11 +43,23 @@ FRAME = st.builds(
 
 
 def _feed(conn: Connection, chunks: list[bytes]) -> None:
+    """Feed until the core raises its typed error; then it must be closed, with GOAWAY carrying
+    the error's code queued and the reason recorded. Otherwise it is still up."""
+    conn.data_to_send()
     try:
         for chunk in chunks:
             conn.receive_data(chunk, now=0.0)
-    except RemoteProtocolError:
-        pass
+    except RemoteProtocolError as exc:
+        assert conn.state is ConnectionState.CLOSED
+        assert conn.end is not None and conn.end.reason is EndReason.PROTOCOL_ERROR
+        assert conn.end.code == exc.error_code
+        goaway = [
+            f for f in FrameDecoder(1 << 24).feed(conn.data_to_send()) if f.type is FrameType.GOAWAY
+        ]
+        assert len(goaway) == 1 and int.from_bytes(goaway[0].payload[4:8], "big") == exc.error_code
+        assert conn.receive_data(b"anything after", now=0.0) == []
+    else:
+        assert conn.state is not ConnectionState.CLOSED or conn.end is not None
 
 
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], database=CORPUS)

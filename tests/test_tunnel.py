@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import ssl
@@ -28,8 +29,8 @@ from conftest import (
 from atlax.agent import Agent
 from atlax.config import HostPort
 from atlax.metrics import RelayMetrics
-from atlax.mux import MuxSession
-from atlax.protocol import ALPN, ErrorCode, Role, Settings
+from atlax.mux import MuxSession, MuxStream
+from atlax.protocol import ALPN, EndReason, ErrorCode, Role, Settings
 from atlax.protocol.frames import FrameDecoder, FrameType, encode_frame, encode_settings, encode_u32
 from atlax.relay import TUNNEL_SETTINGS, Relay
 
@@ -122,7 +123,7 @@ async def test_paused_reader_does_not_stall_the_other_stream(pki: Pki) -> None:
 
             def stalled_buffer() -> int:
                 return max(
-                    (s.buffered for s in session._streams.values() if s.service == "source"),
+                    (s.buffered for s in session.streams if s.service == "source"),
                     default=0,
                 )
 
@@ -283,7 +284,8 @@ async def test_agent_reconnects_after_the_relay_restarts(pki: Pki) -> None:
 async def test_killing_the_agent_mid_stream_closes_clients_and_keeps_the_port(pki: Pki) -> None:
     port = free_port()
     settings = relay_settings(pki)
-    relay = Relay(settings, [spec("home-nas", web=port)])
+    metrics = RelayMetrics()
+    relay = Relay(settings, [spec("home-nas", web=port)], observer=metrics)
     async with tcp_service(echo_handler) as echo, running_relay(relay):
         client = await anyio.connect_tcp("127.0.0.1", port)
         async with client:
@@ -301,6 +303,10 @@ async def test_killing_the_agent_mid_stream_closes_clients_and_keeps_the_port(pk
                     await client.receive()
         await wait_until(lambda: not relay.registry.agent("home-nas")["connected"], 5)
         assert relay.registry.port_owner(port) == "home-nas"
+        ends = metrics.registry.get_sample_value(
+            "atlax_tunnel_ends_total", {"reason": "peer_closed"}
+        )
+        assert ends == 1  # the agent's process went away without a GOAWAY
         async with running_agent(Agent(agent_settings(pki, settings), {"web": echo})):
             assert await exchange(port, b"back again") == b"back again"
 
@@ -443,52 +449,47 @@ async def test_malformed_frames_close_only_that_tunnel(
 
 
 async def test_mux_session_over_plain_tcp_is_transport_agnostic() -> None:
-    """The session runs over any asyncio transport; here plain TCP, no TLS."""
-    got: list[bytes] = []
+    """The session runs over any asyncio transport; here plain TCP, no TLS. Each side joins its
+    streams to sockets as the relay and the agent do: bytes and half-close go through."""
 
-    async def serve_stream(stream: object) -> None:
-        from atlax.mux import MuxStream
-
-        assert isinstance(stream, MuxStream)
-        data = b""
-        try:
-            while True:
-                data += await stream.receive()
-        except anyio.EndOfStream:
-            got.append(data)
-            await stream.send(data[::-1])
-            await stream.send_eof()
+    async def reverse(conn: anyio.abc.SocketStream) -> None:
+        async with conn:
+            data = b""
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    data += await conn.receive()
+            await conn.send(data[::-1])
 
     loop = asyncio.get_running_loop()
     servers: list[MuxSession] = []
+    async with tcp_service(reverse) as service, anyio.create_task_group() as tg:
 
-    def new_server_session() -> MuxSession:
-        servers.append(MuxSession(Role.SERVER, handler=serve_stream))
-        return servers[-1]
+        async def serve_stream(stream: MuxStream) -> None:
+            await loop.create_connection(lambda: stream, service.host, service.port)
 
-    server = await loop.create_server(new_server_session, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with anyio.create_task_group() as tg:
+        def new_server_session() -> MuxSession:
+            servers.append(MuxSession(Role.SERVER, handler=serve_stream))
+            tg.start_soon(servers[-1].run)
+            return servers[-1]
+
+        tunnel = await loop.create_server(new_server_session, "127.0.0.1", 0)
         client = MuxSession(Role.CLIENT)
-        await loop.create_connection(lambda: client, "127.0.0.1", port)
+        await loop.create_connection(
+            lambda: client, "127.0.0.1", tunnel.sockets[0].getsockname()[1]
+        )
         tg.start_soon(client.run)
         with anyio.fail_after(5):
-            while not servers:
-                await anyio.sleep(0.01)
-        tg.start_soon(servers[0].run)
-        await client.wait_ready()
-        stream = await client.open_stream("echo")
-        await stream.send(b"hello tunnel")
-        await stream.send_eof()
-        reply = b""
+            await client.wait_ready()
+        # The client side's streams are the protocol of a listening socket's connections.
+        public = await loop.create_server(lambda: client.open_stream_now("echo"), "127.0.0.1", 0)
         with anyio.fail_after(5):
-            try:
-                while True:
-                    reply += await stream.receive()
-            except anyio.EndOfStream:
-                pass
+            reply = await exchange(public.sockets[0].getsockname()[1], b"hello tunnel")
         assert reply == b"lennut olleh"
         client.close()
-        tg.cancel_scope.cancel()
-    server.close()
-    assert got == [b"hello tunnel"]
+        with anyio.fail_after(5):
+            await client.wait_closed()
+            await servers[0].wait_closed()
+        assert client.end is not None and client.end.reason is EndReason.LOCAL_CLOSE
+        assert servers[0].end is not None and servers[0].end.reason is EndReason.PEER_GOAWAY
+        public.close()
+        tunnel.close()

@@ -1,6 +1,6 @@
 """The Atlax wire protocol as a sans-I/O core: bytes in, typed events out (docs/protocol.md)."""
 
-from .connection import Connection, ConnectionState, KeepaliveConfig, Role
+from .connection import Connection, Role
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError, error_name
 from .events import (
     ConnectionTerminated,
@@ -15,13 +15,17 @@ from .events import (
     WindowUpdated,
 )
 from .frames import ALPN, Frame, FrameDecoder, FrameType, Origin, Settings
+from .keepalive import KeepaliveConfig
+from .state import ConnectionEnd, ConnectionState, EndReason
 
 __all__ = [
     "ALPN",
     "Connection",
+    "ConnectionEnd",
     "ConnectionState",
     "ConnectionTerminated",
     "DataReceived",
+    "EndReason",
     "ErrorCode",
     "Event",
     "Frame",

@@ -3,86 +3,36 @@
 Modelled on h2's `H2Connection` and aioquic's `QuicConnection`: the caller feeds received bytes with
 `receive_data(data, now)`, acts on the returned events, calls methods such as `send_data`, and
 writes whatever `data_to_send()` returns. Time is an argument; keepalive is driven by asking
-`get_timer()` when to call `handle_timer(now)`.
+`get_timer()` when to call `handle_timer(now)`. The lifecycle is the table in `state.py`; why the
+connection ended is `end`, set once it is over (or draining).
 """
 
 from __future__ import annotations
 
-import enum
-import os
-from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import NoReturn
 
 from . import events as ev
-from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError, error_name
-from .flow import ReceiveWindow, SendWindow
-from .frames import (
-    HEADER,
-    MAX_STREAM_ID,
-    Flag,
-    Frame,
-    FrameDecoder,
-    FrameType,
-    Origin,
-    Settings,
-    decode_goaway_payload,
-    decode_open_payload,
-    decode_settings,
-    decode_u32,
-    encode_frame,
-    encode_goaway_payload,
-    encode_header,
-    encode_open_payload,
-    encode_settings,
-    encode_u32,
+from . import frames as wire
+from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .frames import HEADER, Flag, Frame, FrameType, Origin, Settings, decode_u32, encode_frame
+from .keepalive import Keepalive, KeepaliveConfig, TimerAction
+from .output import SEPARATE_WRITE, coalesce, split_data
+from .state import (
+    DRAINING,
+    ConnectionEnd,
+    ConnectionInput,
+    ConnectionState,
+    EndReason,
+    next_state,
+    outlasting,
 )
+from .streams import Role, StreamTable
 
-# Frames that arrive for streams this side reset are ignored; remember that many such ids.
-RESET_MEMORY = 4096
-# More PINGs than this per second from the peer is a flood.
-MAX_PINGS_PER_SECOND = 100
-# A peer that keeps opening streams we must refuse (beyond MAX_STREAMS) is flooding.
-MAX_REFUSED_STREAMS = 1000
-
-
-# Payloads this large are written as they are rather than joined with their neighbours.
-_SEPARATE_WRITE = 16_384
-# Plain ints: enum arithmetic and calls are slow on the per-frame path.
+# Plain ints and module-level members: enum arithmetic and lookups are slow per frame.
 _FIN = int(Flag.FIN)
 _DATA = int(FrameType.DATA)
-
-
-class Role(enum.Enum):
-    CLIENT = "client"  # dialled the connection (the agent): odd stream ids
-    SERVER = "server"  # accepted it (the relay): even stream ids
-
-
-class ConnectionState(enum.Enum):
-    OPEN = "open"  # includes the short time before the peer's SETTINGS arrive
-    CLOSED = "closed"  # GOAWAY with an error was sent or the connection failed
-
-
-@dataclass(frozen=True, slots=True)
-class KeepaliveConfig:
-    interval: float  # send PING after this long without receiving anything
-    timeout: float  # give up after this long without receiving anything
-
-    def __post_init__(self) -> None:
-        if not 0 < self.interval < self.timeout:
-            raise ValueError("keepalive needs 0 < interval < timeout")
-
-
-class _Stream:
-    __slots__ = ("local_closed", "recv", "remote_closed", "send", "stream_id")
-
-    def __init__(self, stream_id: int, send_window: int, recv_window: int) -> None:
-        self.stream_id = stream_id
-        self.send = SendWindow(send_window)
-        self.recv = ReceiveWindow(recv_window)
-        self.local_closed = False  # we sent FIN
-        self.remote_closed = False  # peer sent FIN
+_CLOSED = ConnectionState.CLOSED
 
 
 class Connection:
@@ -98,33 +48,22 @@ class Connection:
         self.local_settings = settings or Settings()
         self.local_settings.validate(LocalProtocolError)
         self.peer_settings: Settings | None = None
-        self.state = ConnectionState.OPEN
-        self.keepalive = keepalive
-        self._decoder = FrameDecoder(self.local_settings.max_frame_size)
-        self._out: list[bytes | memoryview] = [encode_settings(self.local_settings)]
-        self._out_bytes = len(self._out[0])
-        self._streams: dict[int, _Stream] = {}
-        self._next_local_id = 1 if role is Role.CLIENT else 2
-        self._last_peer_id = 0
-        self._local_open = 0  # live streams this side opened
-        self._peer_open = 0  # live streams the peer opened
-        self._reset_by_us: OrderedDict[int, None] = OrderedDict()
-        self._refused = 0
-        self._goaway_sent: int | None = None  # last peer stream id promised in our GOAWAY
-        self._goaway_received: int | None = None
+        self.state = ConnectionState.AWAITING_SETTINGS
+        self.end: ConnectionEnd | None = None  # why it ended (or began draining)
+        self._keepalive = Keepalive(keepalive, now)
+        self._decoder = wire.FrameDecoder(self.local_settings.max_frame_size)
+        self._out: list[bytes | memoryview] = [wire.encode_settings(self.local_settings)]
+        self._table = StreamTable(role)
+        self._streams = self._table.live  # the same dict, one lookup less per frame
+        self._goaway_sent = False
         self._last_received = now
-        self._ping_sent_at: float | None = None
-        self._ping_payload = b""
-        self._ping_window_start = now
-        self._pings_in_window = 0
-        self.last_rtt: float | None = None
 
     # -- inspection --------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        """The peer's SETTINGS arrived and the connection is usable for streams."""
-        return self.peer_settings is not None and self.state is ConnectionState.OPEN
+        """The peer's SETTINGS arrived and the connection is not closed."""
+        return self.peer_settings is not None and self.state is not _CLOSED
 
     @property
     def open_streams(self) -> int:
@@ -135,14 +74,16 @@ class Connection:
         return self._last_received
 
     @property
+    def last_rtt(self) -> float | None:
+        return self._keepalive.last_rtt
+
+    @property
     def can_open_stream(self) -> bool:
         return (
-            self.ready
-            and self._goaway_received is None
-            and self._goaway_sent is None
+            self.state is ConnectionState.OPEN
             and self.peer_settings is not None
-            and self._local_open < self.peer_settings.max_streams
-            and self._next_local_id <= MAX_STREAM_ID
+            and self._table.local_open < self.peer_settings.max_streams
+            and self._table.ids_left
         )
 
     def send_window(self, stream_id: int) -> int:
@@ -160,156 +101,120 @@ class Connection:
         stream = self._streams.get(stream_id)
         return 0 if stream is None else stream.recv.size - stream.recv.available
 
-    def is_stream_live(self, stream_id: int) -> bool:
-        return stream_id in self._streams
-
     # -- output ------------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
         return b"".join(self.data_to_send_chunks())
 
     def data_to_send_chunks(self) -> list[bytes | memoryview]:
-        """What to write, as a list for `writelines`: small frames joined into one item (one TLS
-        record, one syscall), large payloads left as views of the data given to `send_data`, so
-        that data must not change until the transport has taken it."""
+        """What to write, as a list for `writelines` (see `output.coalesce`). Large payloads are
+        views of the data given to `send_data`: it must not change until the transport took it."""
         out = self._out
         if not out:
-            return []
-        self._out = []
-        self._out_bytes = 0
-        if len(out) == 1:
             return out
-        chunks: list[bytes | memoryview] = []
-        run: list[bytes | memoryview] = []
-        for item in out:
-            if len(item) >= _SEPARATE_WRITE:
-                if run:
-                    chunks.append(b"".join(run))
-                    run = []
-                chunks.append(item)
-            else:
-                run.append(item)
-        if run:
-            chunks.append(b"".join(run))
-        return chunks
-
-    @property
-    def bytes_pending(self) -> int:
-        return self._out_bytes
+        self._out = []
+        return coalesce(out)
 
     def _emit(self, frame: bytes | memoryview) -> None:
         self._out.append(frame)
-        self._out_bytes += len(frame)
 
     # -- local actions -----------------------------------------------------------------------
 
     def open_stream(
         self, service: str, origin: Origin | None = None, proxy_protocol: int | None = None
     ) -> int:
-        self._require_open()
         if not self.can_open_stream:
-            raise LocalProtocolError("cannot open a stream now", ErrorCode.REFUSED_STREAM)
+            raise LocalProtocolError(
+                f"cannot open a stream now ({self.state.value})", ErrorCode.REFUSED_STREAM
+            )
         assert self.peer_settings is not None
-        payload = encode_open_payload(service, origin, proxy_protocol)
-        stream_id = self._next_local_id
-        self._next_local_id += 2
-        self._streams[stream_id] = _Stream(
-            stream_id, self.peer_settings.initial_window, self.local_settings.initial_window
+        payload = wire.encode_open_payload(service, origin, proxy_protocol)
+        stream_id = self._table.open_local(
+            self.peer_settings.initial_window, self.local_settings.initial_window
         )
-        self._local_open += 1
         self._emit(encode_frame(FrameType.OPEN, 0, stream_id, payload))
         return stream_id
 
     def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> None:
         """Queue `data` (within the stream's credit), split into frames the peer accepts."""
-        self._require_open()
-        stream = self._live_stream(stream_id)
-        if stream.local_closed:
-            raise LocalProtocolError(f"stream {stream_id} was already half-closed by this side")
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_closed or self.state is _CLOSED:
+            raise LocalProtocolError(f"stream {stream_id} is closed for sending")
         length = len(data)
         stream.send.spend(length)
         step = self.max_outbound_frame()
-        if 0 < length < _SEPARATE_WRITE and length <= step:  # the common small write: one item
+        if 0 < length < SEPARATE_WRITE and length <= step:  # the common small write: one item
             flags = _FIN if end_stream else 0
-            frame = HEADER.pack(stream_id, length, _DATA, flags, 0) + data
-            self._out.append(frame)
-            self._out_bytes += len(frame)
+            self._out.append(HEADER.pack(stream_id, length, _DATA, flags, 0) + data)
         else:
-            view = memoryview(data)
-            for offset in range(0, length, step):
-                chunk = view[offset : offset + step]
-                last = offset + step >= length
-                flags = _FIN if (end_stream and last) else 0
-                self._emit(encode_header(FrameType.DATA, flags, stream_id, len(chunk)))
-                self._emit(chunk)
-            if end_stream and length == 0:
-                self._emit(encode_header(FrameType.DATA, Flag.FIN, stream_id, 0))
+            split_data(self._out, stream_id, data, end_stream, step)
         if end_stream:
-            self._close_local(stream)
+            stream.local_closed = True
+            if stream.remote_closed:
+                self._forget(stream_id)
 
     def end_stream(self, stream_id: int) -> None:
         self.send_data(stream_id, b"", end_stream=True)
 
     def reset_stream(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> None:
         """Abort a stream. Resetting a stream that is already gone does nothing."""
-        if self.state is ConnectionState.CLOSED:
+        if self.state is _CLOSED or stream_id not in self._streams:
             return
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            return
-        self._emit(encode_frame(FrameType.RESET, 0, stream_id, encode_u32(error_code)))
+        self._emit(encode_frame(FrameType.RESET, 0, stream_id, wire.encode_u32(error_code)))
         self._forget(stream_id)
-        self._remember_reset(stream_id)
 
     def acknowledge_received_data(self, stream_id: int, length: int) -> None:
         """The application consumed `length` bytes of the stream; maybe grant more credit."""
         stream = self._streams.get(stream_id)
-        if stream is None or self.state is ConnectionState.CLOSED:
+        if stream is None or self.state is _CLOSED:
             return
         increment = stream.recv.consumed(length)
         if increment and not stream.remote_closed:
-            self._emit(encode_frame(FrameType.WINDOW_UPDATE, 0, stream_id, encode_u32(increment)))
+            self._emit(
+                encode_frame(FrameType.WINDOW_UPDATE, 0, stream_id, wire.encode_u32(increment))
+            )
 
     def ping(self, now: float) -> None:
         """Send a PING now (if none is outstanding) to measure the round trip."""
-        self._require_open()
-        if self._ping_sent_at is None:
-            self._ping_payload = os.urandom(8)
-            self._ping_sent_at = now
-            self._emit(encode_frame(FrameType.PING, 0, 0, self._ping_payload))
+        if self.state is _CLOSED:
+            raise LocalProtocolError("the connection is closed")
+        payload = self._keepalive.ping(now)
+        if payload is not None:
+            self._emit(encode_frame(FrameType.PING, 0, 0, payload))
 
     def close(self, error_code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
         """Send GOAWAY. With NO_ERROR existing streams may finish; else the connection is over."""
-        if self.state is ConnectionState.CLOSED:
+        self._goaway(error_code, message, ConnectionEnd(EndReason.LOCAL_CLOSE, error_code, message))
+
+    def connection_lost(self, reason: EndReason, detail: str = "") -> None:
+        """The transport under the connection is gone (or was let go): the connection is over.
+
+        An orderly end of the transport while draining keeps the drain's reason."""
+        if self.state is _CLOSED:
             return
-        if self._goaway_sent is None or error_code != ErrorCode.NO_ERROR:
-            self._goaway_sent = self._last_peer_id
-            payload = encode_goaway_payload(self._last_peer_id, error_code, message[:512])
-            self._emit(encode_frame(FrameType.GOAWAY, 0, 0, payload))
-        if error_code != ErrorCode.NO_ERROR:
-            self.state = ConnectionState.CLOSED
+        if not (reason is EndReason.PEER_CLOSED and self.state in DRAINING):
+            self.end = outlasting(self.end, ConnectionEnd(reason, ErrorCode.NO_ERROR, detail))
+        self._transition(ConnectionInput.ENDED)
 
     # -- timers ------------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
-        if self.keepalive is None or self.state is ConnectionState.CLOSED:
+        if self.state is _CLOSED:
             return None
-        ka = self.keepalive
-        base = self._last_received if self._ping_sent_at is None else self._ping_sent_at
-        return min(base + ka.interval, self._last_received + ka.timeout)
+        return self._keepalive.deadline(self._last_received)
 
     def handle_timer(self, now: float) -> list[ev.Event]:
-        if self.keepalive is None or self.state is ConnectionState.CLOSED:
+        if self.state is _CLOSED:
             return []
-        ka = self.keepalive
-        if now >= self._last_received + ka.timeout:
-            message = f"nothing received from the peer for {ka.timeout:g}s"
-            self.close(ErrorCode.KEEPALIVE_TIMEOUT, message)
-            return [ev.ConnectionTerminated(ErrorCode.KEEPALIVE_TIMEOUT, message)]
-        base = self._last_received if self._ping_sent_at is None else self._ping_sent_at
-        if now >= base + ka.interval:
-            self._ping_sent_at = None  # an unanswered ping is simply replaced
+        action = self._keepalive.on_timer(now, self._last_received)
+        if action is TimerAction.PING:
             self.ping(now)
+        elif action is TimerAction.TIMEOUT:
+            assert self._keepalive.config is not None
+            code = ErrorCode.KEEPALIVE_TIMEOUT
+            message = f"nothing received from the peer for {self._keepalive.config.timeout:g}s"
+            self._goaway(code, message, ConnectionEnd(EndReason.KEEPALIVE_TIMEOUT, code, message))
+            return [ev.ConnectionTerminated(code, message)]
         return []
 
     # -- input -------------------------------------------------------------------------------
@@ -317,7 +222,7 @@ class Connection:
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[ev.Event]:
         """Feed bytes read from the transport. Raises RemoteProtocolError if the peer broke a
         rule; GOAWAY with the error code is then queued and the connection is closed."""
-        if self.state is ConnectionState.CLOSED:
+        if self.state is _CLOSED:
             return []
         return self._receive(self._decoder.feed(data), len(data), now)
 
@@ -331,7 +236,7 @@ class Connection:
 
     def buffer_updated(self, nbytes: int, now: float) -> list[ev.Event]:
         """`nbytes` were read into the last `get_buffer()`; same contract as `receive_data`."""
-        if self.state is ConnectionState.CLOSED:
+        if self.state is _CLOSED:
             return []
         try:
             frames = self._decoder.buffer_updated(nbytes)
@@ -345,6 +250,8 @@ class Connection:
         events: list[ev.Event] = []
         try:
             for frame in frames:
+                if self.state is _CLOSED:  # a GOAWAY or the last stream's end: nothing after
+                    break
                 if self.peer_settings is None:
                     self._handle_settings(frame, events)
                 else:
@@ -355,16 +262,21 @@ class Connection:
 
     def _fail(self, exc: ProtocolError) -> NoReturn:
         """The peer broke a rule: queue GOAWAY with the error, close, and raise."""
-        self.close(exc.error_code, str(exc.args[0]))
-        self.state = ConnectionState.CLOSED
+        message = str(exc.args[0])
+        self._goaway(
+            exc.error_code,
+            message,
+            ConnectionEnd(EndReason.PROTOCOL_ERROR, exc.error_code, message),
+        )
         if isinstance(exc, LocalProtocolError):  # an internal check tripped on peer input
-            raise RemoteProtocolError(str(exc.args[0]), exc.error_code) from exc
+            raise RemoteProtocolError(message, exc.error_code) from exc
         raise exc
 
     def _handle_settings(self, frame: Frame, events: list[ev.Event]) -> None:
         if frame.type is not FrameType.SETTINGS:
             raise RemoteProtocolError(f"first frame must be SETTINGS, got {frame.type.name}")
-        self.peer_settings = decode_settings(frame.payload)
+        self.peer_settings = wire.decode_settings(frame.payload)
+        self._transition(ConnectionInput.SETTINGS_RECEIVED)
         events.append(ev.SettingsReceived(self.peer_settings))
 
     def _on_settings(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
@@ -372,62 +284,47 @@ class Connection:
 
     def _on_ping(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
         if frame.flags & Flag.ACK:
-            if self._ping_sent_at is not None and frame.payload == self._ping_payload:
-                self.last_rtt = max(0.0, now - self._ping_sent_at)
-                self._ping_sent_at = None
-                events.append(ev.PongReceived(self.last_rtt))
+            rtt = self._keepalive.pong(frame.payload, now)
+            if rtt is not None:
+                events.append(ev.PongReceived(rtt))
             return
-        if now - self._ping_window_start >= 1.0:
-            self._ping_window_start = now
-            self._pings_in_window = 0
-        self._pings_in_window += 1
-        if self._pings_in_window > MAX_PINGS_PER_SECOND:
+        if not self._keepalive.peer_pinged(now):
             raise RemoteProtocolError(
                 "more than 100 PINGs in one second", ErrorCode.ENHANCE_YOUR_CALM
             )
         self._emit(encode_frame(FrameType.PING, Flag.ACK, 0, frame.payload))
 
     def _on_goaway(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
-        last_id, code, message = decode_goaway_payload(frame.payload)
-        self._goaway_received = last_id
-        events.append(ev.GoAwayReceived(last_id, ErrorCode.parse(code), message))
+        last_id, code, message = wire.decode_goaway_payload(frame.payload)
+        error_code = ErrorCode.parse(code)
+        events.append(ev.GoAwayReceived(last_id, error_code, message))
         # Our streams above the peer's last id were never processed: they are refused.
-        for stream_id in [s for s in self._streams if self._is_local(s) and s > last_id]:
+        for stream_id in self._table.local_above(last_id):
             self._forget(stream_id)
             events.append(ev.StreamReset(stream_id, ErrorCode.REFUSED_STREAM, remote=True))
+        self.end = outlasting(self.end, ConnectionEnd(EndReason.PEER_GOAWAY, error_code, message))
+        if error_code != ErrorCode.NO_ERROR:
+            self._transition(ConnectionInput.ENDED)
+        else:
+            self._transition(ConnectionInput.GOAWAY_RECEIVED)
+            self._maybe_drained()
 
     def _on_open(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
         stream_id = frame.stream_id
-        if self._is_local(stream_id):
-            raise RemoteProtocolError(f"OPEN for stream {stream_id}, which has this side's parity")
-        if stream_id <= self._last_peer_id:
-            raise RemoteProtocolError(
-                f"OPEN for stream {stream_id}, not above {self._last_peer_id}"
-            )
-        request = decode_open_payload(frame.payload)
-        self._last_peer_id = stream_id
-        if self._goaway_sent is not None:
-            self._remember_reset(stream_id)  # after our GOAWAY: ignored, the peer retries elsewhere
-            return
-        if self._peer_open >= self.local_settings.max_streams:
-            self._refused += 1
-            if self._refused > MAX_REFUSED_STREAMS:
-                raise RemoteProtocolError(
-                    f"peer opened more than {MAX_REFUSED_STREAMS} streams beyond MAX_STREAMS",
-                    ErrorCode.ENHANCE_YOUR_CALM,
-                )
-            self._emit(
-                encode_frame(FrameType.RESET, 0, stream_id, encode_u32(ErrorCode.REFUSED_STREAM))
-            )
-            self._remember_reset(stream_id)
+        self._table.check_peer_id(stream_id)
+        request = wire.decode_open_payload(frame.payload)
+        if self._goaway_sent:
+            return  # after our GOAWAY: ignored (so are its frames), the peer retries elsewhere
+        if self._table.peer_open >= self.local_settings.max_streams:
+            self._table.refuse()  # raises once the peer floods
+            code = wire.encode_u32(ErrorCode.REFUSED_STREAM)
+            self._emit(encode_frame(FrameType.RESET, 0, stream_id, code))
             events.append(ev.StreamReset(stream_id, ErrorCode.REFUSED_STREAM, remote=False))
             return
         assert self.peer_settings is not None
-        stream = _Stream(
+        stream = self._table.open_peer(
             stream_id, self.peer_settings.initial_window, self.local_settings.initial_window
         )
-        self._streams[stream_id] = stream
-        self._peer_open += 1
         events.append(
             ev.StreamOpened(stream_id, request.service, request.origin, request.proxy_protocol)
         )
@@ -440,7 +337,9 @@ class Connection:
         fin = frame.flags & _FIN
         if not payload and not fin:
             raise RemoteProtocolError("empty DATA frame without FIN")
-        stream = self._streams.get(frame.stream_id) or self._stream_for_frame(frame)
+        stream = self._streams.get(frame.stream_id) or self._table.for_frame(
+            frame.stream_id, "DATA"
+        )
         if stream is None:
             return
         if stream.remote_closed:
@@ -460,7 +359,7 @@ class Connection:
         increment = decode_u32(frame.payload)
         if increment == 0:
             raise RemoteProtocolError("WINDOW_UPDATE with an increment of 0")
-        stream = self._stream_for_frame(frame, closed_ok=True)
+        stream = self._table.for_frame(frame.stream_id, "WINDOW_UPDATE")
         if stream is None:
             return
         stream.send.grant(increment)
@@ -468,8 +367,7 @@ class Connection:
             events.append(ev.WindowUpdated(frame.stream_id, increment))
 
     def _on_reset(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
-        stream = self._stream_for_frame(frame, closed_ok=True)
-        if stream is None:
+        if self._table.for_frame(frame.stream_id, "RESET") is None:
             return
         self._forget(frame.stream_id)
         events.append(
@@ -478,56 +376,33 @@ class Connection:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _stream_for_frame(self, frame: Frame, *, closed_ok: bool = False) -> _Stream | None:
-        """The live stream a frame is for; None if the frame is to be ignored; else an error."""
-        stream = self._streams.get(frame.stream_id)
-        if stream is not None:
-            return stream
-        stream_id = frame.stream_id
-        if stream_id in self._reset_by_us:
-            return None
-        allocated = (
-            stream_id < self._next_local_id
-            if self._is_local(stream_id)
-            else (stream_id <= self._last_peer_id)
-        )
-        if not allocated:
-            raise RemoteProtocolError(f"{frame.type.name} for stream {stream_id}, never opened")
-        if closed_ok:
-            return None
-        raise RemoteProtocolError(
-            f"{frame.type.name} for stream {stream_id}, already closed", ErrorCode.STREAM_CLOSED
-        )
-
-    def _is_local(self, stream_id: int) -> bool:
-        return (stream_id % 2 == 1) == (self.role is Role.CLIENT)
-
-    def _live_stream(self, stream_id: int) -> _Stream:
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            raise LocalProtocolError(f"stream {stream_id} is not open", ErrorCode.STREAM_CLOSED)
-        return stream
-
-    def _close_local(self, stream: _Stream) -> None:
-        stream.local_closed = True
-        if stream.remote_closed:
-            self._forget(stream.stream_id)
-
     def _forget(self, stream_id: int) -> None:
-        if self._streams.pop(stream_id, None) is not None:
-            if self._is_local(stream_id):
-                self._local_open -= 1
-            else:
-                self._peer_open -= 1
+        if self._table.forget(stream_id):
+            self._maybe_drained()
 
-    def _remember_reset(self, stream_id: int) -> None:
-        self._reset_by_us[stream_id] = None
-        if len(self._reset_by_us) > RESET_MEMORY:
-            self._reset_by_us.popitem(last=False)
+    def _goaway(self, error_code: int, message: str, end: ConnectionEnd) -> None:
+        """Queue GOAWAY (once for NO_ERROR; an error one always) and record why."""
+        if self.state is _CLOSED:
+            return
+        graceful = error_code == ErrorCode.NO_ERROR
+        if not (graceful and self._goaway_sent):
+            self._goaway_sent = True
+            last_id = self._table.last_peer_id
+            payload = wire.encode_goaway_payload(last_id, error_code, message[:512])
+            self._emit(encode_frame(FrameType.GOAWAY, 0, 0, payload))
+        self.end = outlasting(self.end, end)
+        if graceful:
+            self._transition(ConnectionInput.GOAWAY_SENT)
+            self._maybe_drained()
+        else:
+            self._transition(ConnectionInput.ENDED)
 
-    def _require_open(self) -> None:
-        if self.state is ConnectionState.CLOSED:
-            raise LocalProtocolError("the connection is closed")
+    def _maybe_drained(self) -> None:
+        if not self._streams and self.state in DRAINING:
+            self._transition(ConnectionInput.DRAINED)
+
+    def _transition(self, event: ConnectionInput) -> None:
+        self.state = next_state(self.state, event)
 
 
 _HANDLERS = {
@@ -540,4 +415,4 @@ _HANDLERS = {
     FrameType.SETTINGS: Connection._on_settings,
 }
 
-__all__ = ["Connection", "ConnectionState", "KeepaliveConfig", "Role", "error_name"]
+__all__ = ["Connection", "Role"]

@@ -24,7 +24,7 @@ from ..config import RelaySettings
 from ..logs import describe
 from ..mux import MuxSession
 from ..net import peer_address
-from ..protocol import ALPN, ErrorCode, KeepaliveConfig, Role, Settings
+from ..protocol import ALPN, ConnectionEnd, EndReason, ErrorCode, KeepaliveConfig, Role, Settings
 from ..tls import peer_common_name
 from .observer import RelayObserver
 from .registry import AgentRegistry, AgentState
@@ -200,10 +200,12 @@ class Admission:
         try:
             await session.run()
         finally:
+            end = session.end or ConnectionEnd(EndReason.CANCELLED)  # run() always sets it
+            observer.tunnel_ended(agent, end)
             if state.session is session:
                 state.session = None
                 observer.agent_disconnected(agent)
-                log.info("agent %r disconnected: %s", agent, session.error or "closed")
+                log.info("agent %r disconnected: %s", agent, end)
 
 
 async def _expire(session: MuxSession, grace: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ..protocol import ConnectionEnd
     from .admission import HandshakeFailure
     from .ports import Refusal
 
@@ -34,6 +35,9 @@ class RelayObserver:
 
     def agent_disconnected(self, agent: str) -> None:
         """`agent`'s tunnel ended and no newer one replaced it."""
+
+    def tunnel_ended(self, agent: str, end: ConnectionEnd) -> None:
+        """An admitted tunnel of `agent` ended (replaced ones too); `end` says why."""
 
     def handshake_failed(self, reason: HandshakeFailure) -> None:
         """A connection on the agent port was refused before its tunnel was up."""

@@ -58,7 +58,7 @@ class AgentState:
         heartbeat: str | None = None
         rtt: float | None = None
         if session is not None and connected:
-            age = time.monotonic() - session.last_received  # the mux's clock
+            age = session.clock() - session.last_received
             heartbeat = iso_utc(time.time() - age)
             rtt = session.rtt
         since = self.connected_since
