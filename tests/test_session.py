@@ -6,6 +6,7 @@ transport and each stream's socket are `FakeTransport`s whose "kernel" takes wha
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 
@@ -15,6 +16,7 @@ from fakes import FakeClock, FakeTransport, Link, feed, frames
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from atlax.bench import hop
 from atlax.mux import (
     READ_CREDIT,
     RECENT_PAUSES,
@@ -483,3 +485,9 @@ def test_window_updates_reach_a_stream_waiting_for_credit() -> None:
     got = link.pump()
     assert sum(len(e.data) for e in got if isinstance(e, DataReceived)) == 952
     assert got[-1] == StreamEnded(stream.stream_id)
+
+
+def test_the_hop_benchmark_echoes_every_byte() -> None:
+    """`python -m atlax.bench.hop` runs (its figure is printed, never asserted)."""
+    samples = asyncio.run(hop.measure(rounds=2000, size=100))
+    assert len(samples) == 2000
