@@ -1,6 +1,8 @@
-// Pins the kube-apiserver built by hack/tools for the test control plane. k8s.io/kubernetes points
-// its staging modules at a local tree with `replace`; here each is pinned to the published v0.32.4.
-module atlax.dev/hack/kube-apiserver
+// Pins the Kubernetes commands that hack/build-kubernetes builds: kube-apiserver for the test
+// control plane (hack/tools), and the node's kubelet, kube-proxy, kube-controller-manager and
+// kube-scheduler (hack/cluster). k8s.io/kubernetes points its staging modules at a local tree with
+// `replace`; here each is pinned to the published v0.32.4.
+module atlax.dev/hack/kubernetes
 
 go 1.23
 
