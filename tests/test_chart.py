@@ -125,9 +125,32 @@ def test_custom_values_render() -> None:
     assert docs[("ServiceMonitor", "atlax")]["spec"]["endpoints"][0]["port"] == "metrics"
 
 
+def test_node_port_service_gives_agents_the_node_port() -> None:
+    """With service.type=NodePort agents dial NODE:agentNodePort; that goes into their Secrets."""
+    docs = {
+        (d["kind"], d["metadata"]["name"]): d
+        for d in render(
+            "service.type=NodePort", "service.agentNodePort=30443", "relay.publicAddress=192.0.2.10"
+        )
+    }
+    pod = docs[("Deployment", "atlax")]["spec"]["template"]["spec"]
+    for container in pod["containers"][1:]:
+        assert "--relay-address=192.0.2.10:30443" in container["args"]
+    port = docs[("Service", "atlax")]["spec"]["ports"][0]
+    assert (port["port"], port["nodePort"]) == (7443, 30443)
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
+        (
+            "service.type=NodePort,relay.publicAddress=192.0.2.10",
+            "service.agentNodePort is required with service.type=NodePort",
+        ),
+        (
+            "service.type=NodePort,service.agentNodePort=30443",
+            "relay.publicAddress is required with service.type=NodePort",
+        ),
         ("replicaCount=abc", "replicaCount: Invalid type"),
         ("replicaCount=2", "replicaCount: Must be less than or equal to 1"),
         ("relay.agentPort=70000", "relay.agentPort: Must be less than or equal to 65535"),

@@ -23,6 +23,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
+{{- /* The host agents dial: relay.publicAddress, else the Service's name (in-cluster only). With a
+NodePort Service, agents dial a node: its address is required. */ -}}
 {{- define "atlax.relayHost" -}}
+{{- if eq .Values.service.type "NodePort" -}}
+{{- required "relay.publicAddress is required with service.type=NodePort: the node address agents dial" .Values.relay.publicAddress -}}
+{{- else -}}
 {{- .Values.relay.publicAddress | default (printf "%s.%s.svc" (include "atlax.fullname" .) .Release.Namespace) -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* The port agents dial: the agent port's node port with a NodePort Service, else the Service's port. */ -}}
+{{- define "atlax.relayPort" -}}
+{{- if eq .Values.service.type "NodePort" -}}
+{{- required "service.agentNodePort is required with service.type=NodePort: agents dial NODE:agentNodePort" .Values.service.agentNodePort -}}
+{{- else -}}
+{{- .Values.relay.agentPort -}}
+{{- end -}}
 {{- end -}}
