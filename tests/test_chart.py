@@ -89,7 +89,7 @@ def test_default_render_is_hardened() -> None:
     assert {"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"} in pod["securityContext"][
         "sysctls"
     ]
-    for container in pod["containers"]:
+    for container in pod["containers"] + pod["initContainers"]:
         sc = container["securityContext"]
         assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
         assert sc["capabilities"]["drop"] == ["ALL"]
@@ -134,7 +134,7 @@ def test_node_port_service_gives_agents_the_node_port() -> None:
         )
     }
     pod = docs[("Deployment", "atlax")]["spec"]["template"]["spec"]
-    for container in pod["containers"][1:]:
+    for container in (pod["initContainers"][0], pod["containers"][1]):
         assert "--relay-address=192.0.2.10:30443" in container["args"]
     port = docs[("Service", "atlax")]["spec"]["ports"][0]
     assert (port["port"], port["nodePort"]) == (7443, 30443)

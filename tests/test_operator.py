@@ -277,6 +277,65 @@ def test_tunnel_agent_end_to_end(stack: Stack) -> None:
 
 
 @pytest.mark.k8s
+def test_an_operator_started_before_its_relay_waits_without_errors(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """As in the pod: TunnelAgents exist, the operator starts, and the relay comes up only once
+    the operator has written its certificate. A start is not an error: no ERROR in the log."""
+    cp = control_plane
+    cp.kubectl("apply", "-f", str(ROOT / "manifests" / "crd.yaml"))
+    ns = "atlax-start"
+    cp.kubectl("create", "namespace", ns, check=False)
+    cp.kubectl("create", "service", "loadbalancer", "atlax-relay", "--tcp=7443:7443", "-n", ns)
+    wait_for(
+        lambda: cp.kubectl("get", "tunnelagents", "-n", ns, check=False).returncode == 0, 30, "CRD"
+    )
+    agent = tunnel_agent("home-nas", web=free_port())
+    agent["metadata"]["namespace"] = ns
+    apply(cp, agent)
+    relay_port = free_port()
+    sock = tmp_path / "run" / "control.sock"
+    config = pod_relay(tmp_path, relay_port, sock)
+    log = tmp_path / "operator.log"
+    operator = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "atlax.cli", "operator", "--namespace", ns),
+            *("--control-socket", str(sock), "--relay-address", f"127.0.0.1:{relay_port}"),
+            *("--relay-san", "127.0.0.1", "--relay-tls-dir", str(tmp_path / "tls")),
+            *("--status-interval", "1"),
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env={"KUBECONFIG": str(cp.kubeconfig), "PATH": "/usr/bin:/bin"},
+    )
+    relay = None
+    try:
+        wait_for(lambda: "waiting for the relay" in log.read_text(), 60, "the operator to wait")
+        relay = start_relay_process(config, tmp_path / "relay.log")
+
+        def ports_open() -> bool:
+            out = cp.kubectl("get", "tunnelagent", "home-nas", "-n", ns, "-o", "json").stdout
+            conditions = json.loads(out).get("status", {}).get("conditions", [])
+            return any(c["type"] == "PortsOpen" and c["status"] == "True" for c in conditions)
+
+        wait_for(ports_open, 60, "PortsOpen")
+        cp.kubectl("delete", "tunnelagent", "home-nas", "-n", ns, "--timeout=60s")
+    finally:
+        for proc in (operator, relay):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (operator, relay):
+            if proc is not None:
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    text = log.read_text()
+    assert "relay is up" in text
+    assert " ERROR " not in text and "Traceback" not in text, text[-3000:]
+
+
+@pytest.mark.k8s
 def test_port_conflict_between_two_tunnel_agents(stack: Stack) -> None:
     cp = stack.cp
     port = free_port()

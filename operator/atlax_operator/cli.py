@@ -65,6 +65,12 @@ def register(sub: Any) -> None:
         "--public-address",
         help="address shown in status when the Service has no load-balancer address",
     )
+    p.add_argument(
+        "--certificates-only",
+        action="store_true",
+        help="prepare the CA and the relay certificate (written to --relay-tls-dir), then exit "
+        "(the chart's init container, so that the relay starts with its certificate)",
+    )
     p.set_defaults(func=run)
 
 
@@ -98,11 +104,13 @@ def run(args: argparse.Namespace) -> int:
         public_address=args.public_address,
     )
     logging.getLogger("kopf").setLevel(logging.WARNING)
-    asyncio.run(_serve(config, build_registry))
+    asyncio.run(_serve(config, build_registry, certificates_only=args.certificates_only))
     return 0
 
 
-async def _serve(config: OperatorConfig, build_registry: Any) -> None:
+async def _serve(
+    config: OperatorConfig, build_registry: Any, *, certificates_only: bool = False
+) -> None:
     """Check the API and prepare certificates (errors as one line), then run kopf until a signal."""
     import kopf
     import urllib3
@@ -121,6 +129,11 @@ async def _serve(config: OperatorConfig, build_registry: Any) -> None:
             f"cannot prepare the CA and relay certificate in namespace {config.namespace!r}: "
             f"{kube.describe(exc)}"
         ) from None
+    if certificates_only:
+        where = f" in {config.relay_tls_dir}" if config.relay_tls_dir else ""
+        log.info("the CA and the relay certificate are ready%s", where)
+        return
+    await reconciler.wait_for_relay()
     async with asyncio.TaskGroup() as tg:
         keeper = tg.create_task(reconciler.keep_relay_certificate())
         try:

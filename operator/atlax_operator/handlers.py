@@ -36,6 +36,7 @@ from .locks import AgentLocks
 log = logging.getLogger("atlax.operator")
 
 RELAY_CERT_CHECK_INTERVAL = 3600.0
+RELAY_START_TIMEOUT = 120.0  # the chart's relay waits as long for its certificate
 RETRYING = "its ports are not open yet (retrying)"
 ONE_SECOND = timedelta(seconds=1)
 
@@ -145,6 +146,32 @@ class Reconciler:
         await pki.ensure_relay_certificate(
             cfg.namespace, self.state.ca, cfg.relay_sans, cfg.relay_tls_dir
         )
+
+    async def wait_for_relay(self, patience: float = RELAY_START_TIMEOUT) -> None:
+        """In the pod the relay starts once the certificate `startup` wrote is there: let it come
+        up before the first reconcile, so that a normal start is not reported as an error."""
+        client, loop = self.state.client, asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        waiting = False
+        while True:
+            try:
+                health = await client.health()
+            except ControlSocketError as exc:
+                if loop.time() >= deadline:
+                    log.warning(
+                        "the relay does not answer after %gs (%s); starting anyway, "
+                        "TunnelAgents are retried until it does",
+                        patience,
+                        exc,
+                    )
+                    return
+                if not waiting:
+                    log.info("waiting for the relay's control socket %s", client.path)
+                    waiting = True
+                await asyncio.sleep(0.5)
+                continue
+            log.info("relay is up (relay id %s)", health.get("relayId"))
+            return
 
     async def keep_relay_certificate(self, interval: float = RELAY_CERT_CHECK_INTERVAL) -> None:
         """Re-issue the relay's certificate two thirds into its lifetime (the relay reloads it)."""

@@ -41,3 +41,21 @@ NodePort Service, agents dial a node: its address is required. */ -}}
 {{- .Values.relay.agentPort -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* `atlax operator` arguments, shared by the pod's certificate step and the operator. */ -}}
+{{- define "atlax.operatorArgs" -}}
+{{- $fullname := include "atlax.fullname" . -}}
+{{- $host := include "atlax.relayHost" . -}}
+- operator
+- --namespace=$(POD_NAMESPACE)
+- --control-socket=/run/atlax/control/control.sock
+- --service-name={{ $fullname }}
+- --relay-address={{ $host }}:{{ include "atlax.relayPort" . }}
+- --relay-san={{ $host }}
+- --relay-san={{ $fullname }}.{{ .Release.Namespace }}.svc
+{{- range .Values.relay.extraSANs }}
+- --relay-san={{ . }}
+{{- end }}
+- --relay-tls-dir=/run/atlax/tls
+- --status-interval={{ .Values.operator.statusInterval }}
+{{- end -}}
