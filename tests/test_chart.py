@@ -6,8 +6,11 @@ import base64
 import json
 import re
 import signal
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +23,16 @@ CHART = ROOT / "charts" / "atlax"
 KUBE_VERSION = "1.32.4"
 
 
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def helm_binary() -> Path:
     tools = subprocess.run(
         [str(ROOT / "hack" / "tools")], capture_output=True, text=True, check=True
     )
-    binary = Path(tools.stdout.strip().splitlines()[-1]) / "helm"
+    return Path(tools.stdout.strip().splitlines()[-1]) / "helm"
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(binary), *args], capture_output=True, text=True, timeout=60, check=check
+        [str(helm_binary()), *args], capture_output=True, text=True, timeout=60, check=check
     )
 
 
@@ -111,6 +117,21 @@ def test_default_render_is_hardened() -> None:
     assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
     assert next(r for r in rules if r["resources"] == ["services"])["resourceNames"] == ["atlax"]
     assert not any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for d in docs.values())
+    # Secrets: only the CA and the relay certificate may be read; agents' are written, never read.
+    for rule in (r for r in rules if "secrets" in r["resources"]):
+        if {"get", "list", "watch"} & set(rule["verbs"]):
+            assert set(rule["resourceNames"]) == {"atlax-ca", "atlax-relay-tls"}, rule
+        assert "delete" not in rule["verbs"] and "list" not in rule["verbs"], rule
+    # The relay container faces the internet: no ServiceAccount token in it.
+    assert pod["automountServiceAccountToken"] is False
+    assert docs[("ServiceAccount", "atlax")]["automountServiceAccountToken"] is False
+    token_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+    mounts = {c["name"]: {m["mountPath"] for m in c["volumeMounts"]} for c in pod["containers"]}
+    mounts["certificates"] = {m["mountPath"] for m in pod["initContainers"][0]["volumeMounts"]}
+    assert token_dir not in mounts["relay"]
+    assert token_dir in mounts["operator"] and token_dir in mounts["certificates"]
+    sources = volumes["kube-api-access"]["projected"]["sources"]
+    assert any("serviceAccountToken" in source for source in sources)
 
 
 def test_custom_values_render() -> None:
@@ -184,6 +205,7 @@ def test_manifests_are_rendered_from_the_chart() -> None:
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.agent"])
 def test_dockerfiles_follow_the_rules(dockerfile: str) -> None:
     text = (ROOT / dockerfile).read_text()
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S*)", text, re.M))
     froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert len(froms) >= 2, "multi-stage build"
     for image in froms:
@@ -272,26 +294,16 @@ def test_rendered_manifests_pass_server_side_dry_run(control_plane: ControlPlane
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.k8s
-def test_operator_works_with_only_the_charts_rbac(
-    control_plane: ControlPlane, tmp_path: Path
-) -> None:
-    """Create the chart's ServiceAccount, Role, RoleBinding and Service, then run the operator
-    with that ServiceAccount's token: it must do its whole job without a Forbidden."""
-    cp, ns = control_plane, "atlax-rbac"
-    cp.kubectl("apply", "-f", str(CHART / "crds" / "tunnelagents.yaml"))
-    cp.kubectl("create", "namespace", ns, check=False)
-    wanted = {"ServiceAccount", "Role", "RoleBinding", "Service"}
-    docs = [d for d in render(namespace=ns) if d["kind"] in wanted]
-    cp.kubectl("apply", "-n", ns, "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs))
-    token = cp.kubectl("create", "token", "atlax", "-n", ns, "--duration=1h").stdout.strip()
-    kubeconfig = cp.kubeconfig_for_token(token, tmp_path / "sa-kubeconfig", namespace=ns)
-    port, relay_port = free_port(), free_port()
-    sock = tmp_path / "run" / "control.sock"
-    config = pod_relay(tmp_path, relay_port, sock)
-    relay = start_relay_process(config, tmp_path / "relay.log")
-    log = tmp_path / "operator.log"
-    operator = subprocess.Popen(
+def chart_token(cp: ControlPlane, ns: str, account: str, path: Path) -> Path:
+    """A kubeconfig with a token of the chart's ServiceAccount `account` in `ns`."""
+    token = cp.kubectl("create", "token", account, "-n", ns, "--duration=1h").stdout.strip()
+    return cp.kubeconfig_for_token(token, path, namespace=ns)
+
+
+def operator_process(
+    kubeconfig: Path, ns: str, sock: Path, relay_port: int, tmp_path: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -311,11 +323,50 @@ def test_operator_works_with_only_the_charts_rbac(
             str(tmp_path / "tls"),
             "--status-interval",
             "1",
+            *extra,
         ],
-        stdout=log.open("w"),
+        stdout=(tmp_path / "operator.log").open("ab"),
         stderr=subprocess.STDOUT,
         env={"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin"},
     )
+
+
+def stop(*procs: subprocess.Popen[Any]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.k8s
+def test_operator_works_with_only_the_charts_rbac(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Create the chart's ServiceAccount, Role, RoleBinding and Service, then run the operator
+    with that ServiceAccount's token, first as the pod's certificate step, then in full, then
+    restarted: it must do its whole job without a Forbidden, and without reading any agent's
+    Secret (which that token may not)."""
+    cp, ns = control_plane, "atlax-rbac"
+    cp.kubectl("apply", "-f", str(CHART / "crds" / "tunnelagents.yaml"))
+    cp.kubectl("create", "namespace", ns, check=False)
+    wanted = {"ServiceAccount", "Role", "RoleBinding", "Service"}
+    docs = [d for d in render(namespace=ns) if d["kind"] in wanted]
+    cp.kubectl("apply", "-n", ns, "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs))
+    kubeconfig = chart_token(cp, ns, "atlax", tmp_path / "sa-kubeconfig")
+    port, relay_port = free_port(), free_port()
+    sock = tmp_path / "run" / "control.sock"
+
+    # The init container: CA and relay certificate, then exit.
+    step = operator_process(kubeconfig, ns, sock, relay_port, tmp_path, "--certificates-only")
+    assert step.wait(60) == 0, (tmp_path / "operator.log").read_text()
+    assert {p.name for p in (tmp_path / "tls").iterdir()} >= {"ca.crt", "relay.crt", "relay.key"}
+
+    config = pod_relay(tmp_path, relay_port, sock)
+    relay = start_relay_process(config, tmp_path / "relay.log")
+    operator = operator_process(kubeconfig, ns, sock, relay_port, tmp_path)
     try:
         agent = {
             "apiVersion": "atlax.dev/v1alpha1",
@@ -341,18 +392,105 @@ def test_operator_works_with_only_the_charts_rbac(
             "get", "events", "-n", ns, "--field-selector", "involvedObject.name=rbac-check"
         ).stdout
         assert "CertificateIssued" in events
-        cp.kubectl("delete", "tunnelagent", "rbac-check", "-n", ns, "--timeout=60s")
-        assert (
-            cp.kubectl("get", "secret", "atlax-agent-rbac-check", "-n", ns, check=False).returncode
-            != 0
+
+        # Restarted, it resumes without reading the Secret back: the certificate stays.
+        stop(operator)
+        operator = operator_process(kubeconfig, ns, sock, relay_port, tmp_path)
+        wait_for(
+            lambda: (tmp_path / "operator.log").read_text().count("relay is up") >= 2, 60, "restart"
         )
+        wait_for(ports_open, 60, "PortsOpen after the restart")
+        again = json.loads(
+            cp.kubectl("get", "secret", "atlax-agent-rbac-check", "-n", ns, "-o", "json").stdout
+        )
+        assert again["data"]["tls.crt"] == secret["data"]["tls.crt"]
+
+        cp.kubectl("delete", "tunnelagent", "rbac-check", "-n", ns, "--timeout=60s")
+        # The Secret goes with its owner (the garbage collector of a real cluster does that; this
+        # bare API server has none, so the owner reference is what is checked here).
+        owner = again["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"]) == ("TunnelAgent", "rbac-check")
+        assert port not in {
+            p["port"]
+            for p in json.loads(
+                cp.kubectl("get", "service", "atlax", "-n", ns, "-o", "json").stdout
+            )["spec"]["ports"]
+        }
     finally:
-        for proc in (operator, relay):
-            proc.send_signal(signal.SIGTERM)
-        for proc in (operator, relay):
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    text = log.read_text()
+        stop(operator, relay)
+    text = (tmp_path / "operator.log").read_text()
     assert "Forbidden" not in text and "403" not in text, text[-3000:]
+
+
+@pytest.mark.k8s
+def test_no_token_in_reach_of_the_relay_reads_a_secret(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The relay container holds no token (test_default_render_is_hardened): it reaches the API
+    as system:anonymous, which reads no Secret. The operator's own token reads the CA and the
+    relay certificate only: no agent's Secret, no other Secret, no listing."""
+    cp, ns = control_plane, "atlax-secrets"
+    cp.kubectl("create", "namespace", ns, check=False)
+    wanted = {"ServiceAccount", "Role", "RoleBinding"}
+    docs = [d for d in render(namespace=ns) if d["kind"] in wanted]
+    cp.kubectl("apply", "-n", ns, "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs))
+    for name in ("atlax-ca", "atlax-agent-home-nas", "unrelated"):
+        cp.kubectl("create", "secret", "generic", name, "-n", ns, "--from-literal=k=v")
+
+    context = ssl.create_default_context(cafile=str(cp.ca_file))
+
+    def anonymous(path: str) -> int:
+        """GET with verified TLS and no credential: what the relay container could do."""
+        try:
+            with urllib.request.urlopen(f"{cp.server}{path}", context=context, timeout=30) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    operator = chart_token(cp, ns, "atlax", tmp_path / "operator")
+
+    def get(kubeconfig: Path, *what: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["kubectl", f"--kubeconfig={kubeconfig}", "get", *what, "-n", ns, "-o", "name"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    for path in ("secrets/atlax-ca", "secrets/atlax-agent-home-nas", "secrets"):
+        assert anonymous(f"/api/v1/namespaces/{ns}/{path}") in (401, 403), path
+    assert get(operator, "secret", "atlax-ca").returncode == 0
+    for what in (["secret", "atlax-agent-home-nas"], ["secret", "unrelated"], ["secrets"]):
+        result = get(operator, *what)
+        assert result.returncode != 0 and "Forbidden" in result.stderr, result
+
+
+@pytest.mark.k8s
+def test_helm_notes_name_the_node_port_agents_dial(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [
+            str(helm_binary()),
+            "install",
+            "atlax",
+            str(CHART),
+            "--namespace",
+            "atlax-notes",
+            "--dry-run=server",
+            "--set",
+            "service.type=NodePort,service.agentNodePort=30443",
+            "--set",
+            "relay.publicAddress=192.0.2.10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "KUBECONFIG": str(control_plane.kubeconfig),
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Agents dial 192.0.2.10:30443" in result.stdout

@@ -269,9 +269,10 @@ def test_tunnel_agent_end_to_end(stack: Stack) -> None:
                 await wait_until(lambda: "not configured" in (agent.last_error or ""), 15)
 
     anyio.run(run)
-    assert (
-        cp.kubectl("get", "secret", "atlax-agent-home-nas", "-n", NS, check=False).returncode != 0
-    )
+    # The Secret is owned by the TunnelAgent: a real cluster's garbage collector deletes it with
+    # its owner (hack/cluster-e2e.sh sees that happen); this bare API server has no collector.
+    owner = secret["metadata"]["ownerReferences"][0]
+    assert (owner["name"], owner["controller"]) == ("home-nas", True)
     assert service_ports(cp) == {7443}
     assert service_owners(cp) == {}
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from kubernetes.client.exceptions import ApiException
 
 from atlax import certs
@@ -123,6 +125,14 @@ def _condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any]:
     return next((c for c in conditions if c.get("type") == type_), {})
 
 
+def _issued_certificate(status: dict[str, Any]) -> x509.Certificate | None:
+    """The certificate last written into the agent's Secret, as status records it."""
+    try:
+        return x509.load_pem_x509_certificate(status["certificate"].encode())
+    except (KeyError, AttributeError, ValueError):
+        return None
+
+
 def _renewal_due(status: dict[str, Any]) -> bool:
     """The certificate's renewal time (from status) has come, or status does not tell it yet."""
     when = status.get("certificateRenewalTime")
@@ -203,9 +213,17 @@ class Reconciler:
             lifetime = certs.parse_lifetime(spec.get("certificateLifetime", "90d"))
         except certs.CertificateError as exc:
             raise kopf.PermanentError(str(exc)) from None
+        status = body.get("status", {})
         try:
             cert, reissued = await pki.ensure_agent_secret(
-                cfg.namespace, name, ca, lifetime, cfg.relay_address, body
+                cfg.namespace,
+                name,
+                ca,
+                lifetime,
+                cfg.relay_address,
+                body,
+                _issued_certificate(status),
+                status.get("relayAddress"),
             )
             ports = await self._open_ports(name, spec)
         except ApiException as exc:
@@ -241,6 +259,8 @@ class Reconciler:
         # Read back by the timer (no Secret read per tick). A second later than the exact time,
         # which the timestamp's whole seconds would cut: never due before pki's own check agrees.
         patch.status["certificateRenewalTime"] = iso_utc(certs.renewal_time(cert) + ONE_SECOND)
+        patch.status["certificate"] = cert.public_bytes(serialization.Encoding.PEM).decode()
+        patch.status["relayAddress"] = cfg.relay_address
         patch.status["publicAddress"] = (
             ports.address or cfg.public_address or cfg.relay_address.rsplit(":", 1)[0]
         )
@@ -456,11 +476,11 @@ class Reconciler:
                 name,
             )
         try:
+            # The agent's Secret is owned by the TunnelAgent: the garbage collector deletes it
+            # (the operator's Role has no `delete` on Secrets).
             await kube.remove_service_ports(
                 cfg.namespace, cfg.service_name, f"{cfg.namespace}/{name}"
             )
-            # Explicitly: not every cluster (e.g. a bare API server) garbage-collects owned objects.
-            await kube.delete_secret(cfg.namespace, pki.agent_secret_name(name))
         except ApiException as exc:
             raise kopf.TemporaryError(kube.describe(exc), delay=5) from None
         kopf.info(body, reason="Revoked", message=f"{name!r} revoked at the relay, ports closed")

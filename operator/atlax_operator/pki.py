@@ -129,26 +129,30 @@ async def ensure_agent_secret(
     lifetime: timedelta,
     relay: str,
     owner: kopf.Body,
+    issued: x509.Certificate | None,
+    issued_relay: str | None,
 ) -> tuple[x509.Certificate, bool]:
     """Keep the agent's certificate while it is good; else mint a new one. (cert, reissued).
-    The Secret is owned by the TunnelAgent `owner` (garbage-collected with it)."""
+    The Secret is owned by the TunnelAgent `owner` (garbage-collected with it).
+
+    The operator never reads an agent's Secret back (its Role may not: no token can read agent
+    keys). `issued` and `issued_relay` are what it last wrote, as the TunnelAgent's status
+    records them. While they are good, a `create` only makes sure the Secret still exists: it
+    answers 409 if it does, and mints a replacement if someone deleted it.
+    """
     secret = agent_secret_name(name)
-    data = await kube.read_secret(namespace, secret)
-    if data is not None and "tls.crt" in data:
-        cert = x509.load_pem_x509_certificate(data["tls.crt"])
-        if still_good(cert, ca, name=name) and data.get("relay") == relay.encode():
-            return cert, False
     pair = certs.issue_client_certificate(ca, name, lifetime)
-    await kube.put_secret(
-        namespace,
-        secret,
-        {
-            "tls.crt": pair.cert_pem(),
-            "tls.key": pair.key_pem(),
-            "ca.crt": ca.cert_pem(),
-            "relay": relay.encode(),
-        },
-        owner=owner,
-        labels={"atlax.dev/agent": name},
-    )
+    data = {
+        "tls.crt": pair.cert_pem(),
+        "tls.key": pair.key_pem(),
+        "ca.crt": ca.cert_pem(),
+        "relay": relay.encode(),
+    }
+    labels = {"atlax.dev/agent": name}
+    if issued is not None and issued_relay == relay and still_good(issued, ca, name=name):
+        if not await kube.create_secret(namespace, secret, data, owner=owner, labels=labels):
+            return issued, False
+        log.info("Secret %s/%s was missing: issued a new certificate", namespace, secret)
+        return pair.cert, True
+    await kube.put_secret(namespace, secret, data, owner=owner, labels=labels)
     return pair.cert, True
