@@ -132,6 +132,8 @@ def test_default_render_is_hardened() -> None:
     assert token_dir in mounts["operator"] and token_dir in mounts["certificates"]
     sources = volumes["kube-api-access"]["projected"]["sources"]
     assert any("serviceAccountToken" in source for source in sources)
+    # Every namespaced object names its namespace (kubectl apply -f of the rendered file).
+    assert all(d["metadata"].get("namespace") == "atlax" for d in docs.values())
 
 
 def test_custom_values_render() -> None:
@@ -463,6 +465,26 @@ def test_no_token_in_reach_of_the_relay_reads_a_secret(
     for what in (["secret", "atlax-agent-home-nas"], ["secret", "unrelated"], ["secrets"]):
         result = get(operator, *what)
         assert result.returncode != 0 and "Forbidden" in result.stderr, result
+
+
+@pytest.mark.k8s
+def test_the_documented_kubectl_apply_installs_into_namespace_atlax(
+    control_plane: ControlPlane,
+) -> None:
+    """`kubectl apply -f manifests/atlax.yaml`, as docs/deploy.md says, with no -n: everything
+    lands in namespace atlax, where the RoleBinding looks for the ServiceAccount."""
+    cp = control_plane
+    result = cp.kubectl("apply", "-f", str(ROOT / "manifests" / "atlax.yaml"), check=False)
+    assert result.returncode == 0, result.stderr
+    for kind in ("serviceaccount", "role", "rolebinding", "configmap", "service", "deployment"):
+        assert cp.kubectl("get", kind, "atlax", "-n", "atlax", "-o", "name").stdout.strip()
+        assert cp.kubectl("get", kind, "atlax", "-n", "default", check=False).returncode != 0
+    binding = json.loads(
+        cp.kubectl("get", "rolebinding", "atlax", "-n", "atlax", "-o", "json").stdout
+    )
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "atlax", "namespace": "atlax"}
+    ]
 
 
 @pytest.mark.k8s
