@@ -516,3 +516,57 @@ def test_helm_notes_name_the_node_port_agents_dial(
     )
     assert result.returncode == 0, result.stderr
     assert "Agents dial 192.0.2.10:30443" in result.stdout
+
+
+@pytest.mark.k8s
+def test_uninstall_hook_revokes_every_tunnel_agent_and_removes_the_ca(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """What `helm uninstall` runs first, under the hook's own RBAC: with no operator left to
+    handle them, TunnelAgents lose the operator's finalizer after --timeout, so nothing blocks
+    deleting the namespace; the CA and relay certificate Secrets go too."""
+    cp, ns = control_plane, "atlax-uninstall"
+    cp.kubectl("apply", "-f", str(CHART / "crds" / "tunnelagents.yaml"))
+    cp.kubectl("create", "namespace", ns, check=False)
+    hook = [
+        d
+        for d in render(namespace=ns)
+        if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"
+    ]
+    assert {d["kind"] for d in hook} == {"ServiceAccount", "Role", "RoleBinding", "Job"}
+    job = next(d for d in hook if d["kind"] == "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][0] == "operator-uninstall"
+    rbac = [d for d in hook if d["kind"] != "Job"]
+    cp.kubectl("apply", "-n", ns, "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in rbac))
+    for name in ("home-nas", "office"):
+        agent = {
+            "apiVersion": "atlax.dev/v1alpha1",
+            "kind": "TunnelAgent",
+            "metadata": {"name": name, "namespace": ns, "finalizers": ["atlax.dev/cleanup"]},
+            "spec": {"services": [{"name": "web", "port": free_port()}]},
+        }
+        cp.kubectl("apply", "-f", "-", input=json.dumps(agent))
+    for name in ("atlax-ca", "atlax-relay-tls", "unrelated"):
+        cp.kubectl("create", "secret", "generic", name, "-n", ns, "--from-literal=k=v")
+    kubeconfig = chart_token(cp, ns, "atlax-uninstall", tmp_path / "hook")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atlax.cli",
+            "operator-uninstall",
+            "--namespace",
+            ns,
+            "--timeout",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "removed its finalizer" in result.stderr
+    assert not json.loads(cp.kubectl("get", "tunnelagents", "-n", ns, "-o", "json").stdout)["items"]
+    secrets = cp.kubectl("get", "secrets", "-n", ns, "-o", "name").stdout.split()
+    assert secrets == ["secret/unrelated"]

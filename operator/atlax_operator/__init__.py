@@ -8,3 +8,4 @@ GROUP = "atlax.dev"
 VERSION = "v1alpha1"
 PLURAL = "tunnelagents"
 KIND = "TunnelAgent"
+FINALIZER = "atlax.dev/cleanup"  # on every TunnelAgent while the operator runs (kopf)

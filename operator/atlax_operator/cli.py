@@ -73,6 +73,24 @@ def register(sub: Any) -> None:
     )
     p.set_defaults(func=run)
 
+    u = sub.add_parser(
+        "operator-uninstall",
+        help="revoke every TunnelAgent and delete the CA (helm uninstall runs this)",
+        description="Decommission Atlax in --namespace: delete every TunnelAgent (the running "
+        "operator revokes each at the relay; their Secrets are garbage-collected), remove the "
+        "operator's finalizer from any it did not handle within --timeout, then delete Secrets "
+        "atlax-ca and atlax-relay-tls. The Helm chart runs this as its pre-delete hook.",
+    )
+    u.add_argument("--namespace", required=True, help="namespace of the TunnelAgents")
+    u.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long the operator gets to revoke them (default 60)",
+    )
+    u.set_defaults(func=run_uninstall)
+
 
 def run(args: argparse.Namespace) -> int:
     try:
@@ -105,6 +123,34 @@ def run(args: argparse.Namespace) -> int:
     )
     logging.getLogger("kopf").setLevel(logging.WARNING)
     asyncio.run(_serve(config, build_registry, certificates_only=args.certificates_only))
+    return 0
+
+
+def run_uninstall(args: argparse.Namespace) -> int:
+    try:
+        from . import kube
+        from .uninstall import uninstall
+    except ImportError as exc:
+        raise OperatorError(
+            f"the operator needs the 'operator' extra (pip install 'atlax[operator]'): {exc}"
+        ) from None
+    if args.timeout < 0:
+        raise OperatorError(f"--timeout must not be negative, not {args.timeout:g}")
+    try:
+        kube.load_config()
+    except kube.KubernetesAccessError as exc:
+        raise OperatorError(str(exc)) from None
+    try:
+        asyncio.run(uninstall(args.namespace, args.timeout))
+    except Exception as exc:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        if isinstance(exc, (ApiException, HTTPError)):
+            raise OperatorError(
+                f"cannot uninstall in namespace {args.namespace!r}: {kube.describe(exc)}"
+            ) from None
+        raise
     return 0
 
 

@@ -31,7 +31,7 @@ from atlax import certs
 from atlax.control.client import ControlClient, ControlSocketError
 from atlax.isotime import iso_utc
 
-from . import GROUP, PLURAL, VERSION, kube, pki
+from . import FINALIZER, GROUP, PLURAL, VERSION, kube, pki
 from .conditions import condition_true, same_conditions, set_condition
 from .locks import AgentLocks
 
@@ -502,7 +502,7 @@ def build_registry(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Recon
         # cluster-wide watching of CRDs and namespaces, so the RBAC stays namespaced.
         settings.scanning.disabled = True
         settings.posting.level = logging.INFO
-        settings.persistence.finalizer = "atlax.dev/cleanup"
+        settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="atlax.dev")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="atlax.dev")
         settings.watching.server_timeout = 60
