@@ -31,7 +31,7 @@ from ..config import AgentSpec, ConfigError, parse_agent_spec
 from ..http import Request, Response, serve_http_connection
 from ..logs import describe
 from ..net import accept_loop
-from ..relay.registry import PortConflictError
+from ..relay.registry import PortConflictError, PortNotPermittedError
 from .client import ControlSocketError
 
 log = logging.getLogger("atlax.control")
@@ -150,6 +150,8 @@ class ControlServer:
             return Response.error(400, str(exc))
         try:
             changed = await self.registry.apply_agent(spec)
+        except PortNotPermittedError as exc:
+            return Response.error(403, str(exc), port=exc.port)
         except PortConflictError as exc:
             return Response.error(409, str(exc), port=exc.port)
         return Response.json(200, {"changed": changed, "agent": self.registry.agent(name)})

@@ -10,7 +10,7 @@ observer.py   what the relay reports (the metrics implement it)
 from .admission import TUNNEL_SETTINGS, HandshakeFailure
 from .observer import ByteCounter, RelayObserver
 from .ports import Refusal
-from .registry import AgentRegistry, PortConflictError
+from .registry import AgentRegistry, PortConflictError, PortNotPermittedError
 from .server import Relay
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "ByteCounter",
     "HandshakeFailure",
     "PortConflictError",
+    "PortNotPermittedError",
     "Refusal",
     "Relay",
     "RelayObserver",

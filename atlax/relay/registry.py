@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -33,6 +34,10 @@ class PortConflictError(Exception):
     def __init__(self, port: int, reason: str) -> None:
         super().__init__(reason)
         self.port = port
+
+
+class PortNotPermittedError(PortConflictError):
+    """The relay may not listen on this port (below net.ipv4.ip_unprivileged_port_start)."""
 
 
 @dataclass(eq=False)
@@ -213,6 +218,21 @@ class AgentRegistry:
         host = self.public_host
         try:
             return await listen_sockets(host, port)
+        except PermissionError:
+            raise PortNotPermittedError(
+                port,
+                f"cannot listen on {host}:{port}: permission denied; ports below "
+                f"{_unprivileged_port_start()} need the sysctl "
+                "net.ipv4.ip_unprivileged_port_start at or below the port, or "
+                "CAP_NET_BIND_SERVICE (Helm: relay.allowPrivilegedPorts=true)",
+            ) from None
         except OSError as exc:
             reason = describe(exc)
             raise PortConflictError(port, f"cannot listen on {host}:{port}: {reason}") from None
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024

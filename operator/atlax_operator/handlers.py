@@ -70,6 +70,7 @@ class PortsReason(StrEnum):
 
     OPEN = "Open"
     PORT_CONFLICT = "PortConflict"
+    PORT_NOT_PERMITTED = "PortNotPermitted"  # below 1024 without the chart's sysctl
     SERVICE_NOT_FOUND = "ServiceNotFound"
     RELAY_UNAVAILABLE = "RelayUnavailable"  # retried soon: the relay is starting or restarting
     REJECTED = "Rejected"
@@ -300,6 +301,8 @@ class Reconciler:
             return PortsResult(PortsReason.OPEN, f"ports {_ports_text(spec)} open on the relay")
         if status == 409:
             return PortsResult(PortsReason.PORT_CONFLICT, error)
+        if status == 403:  # a port below 1024 without the sysctl: a setting, not a conflict
+            return PortsResult(PortsReason.PORT_NOT_PERMITTED, error)
         return PortsResult(PortsReason.REJECTED, f"the relay rejected the spec: {error}")
 
     async def _release_foreign_ports(self, name: str, owner: str) -> None:
