@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 import ssl
@@ -48,6 +49,12 @@ TUNNEL_SETTINGS = Settings(initial_window=1 << 20, max_frame_size=256 * 1024, ma
 # A tunnel that stayed up this long counts as healthy: the next reconnect starts a fresh backoff.
 HEALTHY_AFTER = 10.0
 CERT_CHECK_INTERVAL = 30.0
+# A connect with no answer after this long gets a fresh one beside it (see `dial`).
+REDIAL_AFTER = 2.0
+# After the relay said it is going away (a restart: rollout, `kubectl delete pod`), the backoff
+# stays this short for RESTART_WINDOW seconds, so the agent is back as soon as the new relay is.
+RESTART_BACKOFF_CAP = 1.0
+RESTART_WINDOW = 60.0
 
 
 class TunnelDownError(Exception):
@@ -69,13 +76,14 @@ class Agent:
         self.connected = anyio.Event()  # set on every successful connect, replaced on loss
         self.connects = 0
         self.last_error: str | None = None
+        self._restart_until = 0.0  # short backoff until then: the relay announced a restart
 
     async def run(self) -> None:
         """Keep a tunnel up forever (until cancelled), with exponential backoff and full jitter."""
         s = self.settings
         while True:
             retrying = AsyncRetrying(
-                wait=wait_random_exponential(multiplier=s.backoff_initial, max=s.backoff_cap),
+                wait=self._backoff,
                 retry=retry_if_exception_type(TunnelDownError),
                 sleep=anyio.sleep,
                 before_sleep=self._log_retry,
@@ -86,6 +94,13 @@ class Agent:
             # A healthy tunnel ended: reconnect soon, with a little jitter so that agents of a
             # restarted relay do not all arrive at the same instant.
             await anyio.sleep(random.uniform(0, s.backoff_initial))
+
+    def _backoff(self, state: RetryCallState) -> float:
+        """Exponential with full jitter; capped at RESTART_BACKOFF_CAP while a relay restarts."""
+        s = self.settings
+        restarting = anyio.current_time() < self._restart_until
+        cap = min(s.backoff_cap, RESTART_BACKOFF_CAP) if restarting else s.backoff_cap
+        return float(wait_random_exponential(multiplier=s.backoff_initial, max=cap)(state))
 
     def _log_retry(self, state: RetryCallState) -> None:
         delay = state.next_action.sleep if state.next_action else 0.0
@@ -111,10 +126,10 @@ class Agent:
         loop = asyncio.get_running_loop()
         try:
             with anyio.fail_after(s.connect_timeout):
+                sock = await dial(s.relay.host, s.relay.port, redial_after=REDIAL_AFTER)
                 transport, _ = await loop.create_connection(
                     lambda: session,
-                    s.relay.host,
-                    s.relay.port,
+                    sock=sock,
                     ssl=context,
                     server_hostname=server_name,
                     ssl_handshake_timeout=s.connect_timeout + 1,
@@ -158,11 +173,11 @@ class Agent:
         end = session.end
         reason = self._reason(end)
         self.last_error = reason
-        refused = (
-            end is not None
-            and end.reason is EndReason.PEER_GOAWAY
-            and end.code != ErrorCode.NO_ERROR
-        )
+        goaway = end.code if end is not None and end.reason is EndReason.PEER_GOAWAY else None
+        if goaway == ErrorCode.NO_ERROR:
+            # The relay is going away (a rollout, a deleted pod): it is back in seconds.
+            self._restart_until = anyio.current_time() + RESTART_WINDOW
+        refused = goaway is not None and goaway != ErrorCode.NO_ERROR
         if not refused and anyio.current_time() - started >= HEALTHY_AFTER:
             log.warning("tunnel to %s ended: %s", s.relay, reason)
             return
@@ -196,6 +211,64 @@ class Agent:
                 "service %r at %s: connect failed: %s", stream.service, target, describe(exc)
             )
             stream.reset(ErrorCode.CONNECT_FAILED)
+
+
+async def dial(host: str, port: int, *, redial_after: float) -> socket.socket:
+    """A connected TCP socket to host:port; the caller bounds the time (cancellation).
+
+    An attempt still unanswered after `redial_after` seconds gets a fresh one beside it: the name
+    resolved again, a new source port. After a relay pod is replaced, the first SYN can sit in a
+    NAT entry that still points at the dead pod until the connect times out, while a new
+    connection reaches the new pod at once. The first attempt to connect wins; an attempt that
+    fails while none is pending ends the dial with its error.
+    """
+    loop = asyncio.get_running_loop()
+    attempts: set[asyncio.Task[socket.socket]] = set()
+    error: BaseException | None = None
+    try:
+        while True:
+            attempts.add(loop.create_task(_connect(loop, host, port)))
+            done, _ = await asyncio.wait(
+                attempts, timeout=redial_after, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                attempts.discard(task)
+                if task.exception() is None:
+                    return task.result()
+                error = task.exception()
+            if not attempts:
+                assert error is not None
+                raise error
+    finally:
+        for task in attempts:
+            task.cancel()
+        if attempts:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(attempts)
+            for task in attempts:  # connected after another attempt had won
+                if not task.cancelled() and task.exception() is None:
+                    task.result().close()
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    error: OSError | None = None
+    for family, type_, proto, _, address in await loop.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM
+    ):
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            # asyncio says "Connect call failed (address)": keep the errno's own words.
+            error = type(exc)(exc.errno, os.strerror(exc.errno)) if exc.errno else exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error or OSError(f"{host} has no address")
 
 
 def proxy_v2_header(origin: Origin | None) -> bytes:
