@@ -121,14 +121,20 @@ class Connection:
     # -- local actions -----------------------------------------------------------------------
 
     def open_stream(
-        self, service: str, origin: Origin | None = None, proxy_protocol: int | None = None
+        self,
+        service: str,
+        origin: Origin | None = None,
+        proxy_protocol: int | None = None,
+        datagram: bool = False,
     ) -> int:
         if not self.can_open_stream:
             raise LocalProtocolError(
                 f"cannot open a stream now ({self.state.value})", ErrorCode.REFUSED_STREAM
             )
         assert self.peer_settings is not None
-        payload = wire.encode_open_payload(service, origin, proxy_protocol)
+        if datagram and not self.peer_settings.datagrams:
+            raise LocalProtocolError("the peer did not announce DATAGRAMS: no datagram streams")
+        payload = wire.encode_open_payload(service, origin, proxy_protocol, datagram)
         stream_id = self._table.open_local(
             self.peer_settings.initial_window, self.local_settings.initial_window
         )
@@ -313,6 +319,8 @@ class Connection:
         stream_id = frame.stream_id
         self._table.check_peer_id(stream_id)
         request = wire.decode_open_payload(frame.payload)
+        if request.datagram and not self.local_settings.datagrams:
+            raise RemoteProtocolError("OPEN of a datagram stream, but DATAGRAMS was not announced")
         if self._goaway_sent:
             return  # after our GOAWAY: ignored (so are its frames), the peer retries elsewhere
         if self._table.peer_open >= self.local_settings.max_streams:
@@ -326,7 +334,9 @@ class Connection:
             stream_id, self.peer_settings.initial_window, self.local_settings.initial_window
         )
         events.append(
-            ev.StreamOpened(stream_id, request.service, request.origin, request.proxy_protocol)
+            ev.StreamOpened(
+                stream_id, request.service, request.origin, request.proxy_protocol, request.datagram
+            )
         )
         if frame.flags & Flag.FIN:
             stream.remote_closed = True

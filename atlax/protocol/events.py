@@ -27,6 +27,7 @@ class StreamOpened(Event):
     service: str
     origin: Origin | None
     proxy_protocol: int | None = None
+    datagram: bool = False  # a UDP flow: its bytes are datagram records (datagrams.py)
 
 
 @dataclass(slots=True)

@@ -48,11 +48,13 @@ class SettingId(enum.IntEnum):
     INITIAL_WINDOW = 0x1
     MAX_FRAME_SIZE = 0x2
     MAX_STREAMS = 0x3
+    DATAGRAMS = 0x4  # sent only when 1, so older peers see the SETTINGS they always saw
 
 
 class OptionType(enum.IntEnum):
     ORIGIN = 0x01
     PROXY_PROTOCOL = 0x02
+    DATAGRAM = 0x03  # the stream is a UDP flow of length-prefixed datagrams (datagrams.py)
 
 
 _CONNECTION_FRAMES = frozenset({FrameType.PING, FrameType.GOAWAY, FrameType.SETTINGS})
@@ -75,6 +77,7 @@ class Settings:
     initial_window: int = 262_144
     max_frame_size: int = MIN_MAX_FRAME_SIZE
     max_streams: int = 1024
+    datagrams: bool = False  # the peer may open datagram streams (UDP flows) toward the sender
 
     def validate(self, error: type[Exception] = ValueError) -> None:
         if not 1024 <= self.initial_window <= MAX_WINDOW:
@@ -114,22 +117,27 @@ def encode_frame(type_: FrameType, flags: int, stream_id: int, payload: Payload 
 
 
 def encode_settings(settings: Settings) -> bytes:
-    payload = b"".join(
-        _SETTING.pack(ident, value)
-        for ident, value in (
-            (SettingId.INITIAL_WINDOW, settings.initial_window),
-            (SettingId.MAX_FRAME_SIZE, settings.max_frame_size),
-            (SettingId.MAX_STREAMS, settings.max_streams),
-        )
-    )
+    pairs = [
+        (SettingId.INITIAL_WINDOW, settings.initial_window),
+        (SettingId.MAX_FRAME_SIZE, settings.max_frame_size),
+        (SettingId.MAX_STREAMS, settings.max_streams),
+    ]
+    if settings.datagrams:
+        pairs.append((SettingId.DATAGRAMS, 1))
+    payload = b"".join(_SETTING.pack(ident, value) for ident, value in pairs)
     return encode_frame(FrameType.SETTINGS, 0, 0, payload)
 
 
 def encode_open_payload(
-    service: str, origin: Origin | None = None, proxy_protocol: int | None = None
+    service: str,
+    origin: Origin | None = None,
+    proxy_protocol: int | None = None,
+    datagram: bool = False,
 ) -> bytes:
     if not is_service_name(service):
         raise ValueError(f"service name {service!r} must be {SERVICE_RULE}")
+    if datagram and proxy_protocol is not None:
+        raise ValueError("a datagram stream cannot carry the PROXY protocol")
     name = service.encode("ascii")
     parts = [bytes([len(name)]), name]
     if origin is not None:
@@ -143,6 +151,8 @@ def encode_open_payload(
         parts += [bytes([OptionType.ORIGIN]), len(value).to_bytes(2, "big"), value]
     if proxy_protocol is not None:
         parts += [bytes([OptionType.PROXY_PROTOCOL]), b"\x00\x01", bytes([proxy_protocol])]
+    if datagram:
+        parts += [bytes([OptionType.DATAGRAM]), b"\x00\x00"]
     return b"".join(parts)
 
 
@@ -168,14 +178,18 @@ def decode_settings(payload: Payload) -> Settings:
         SettingId.INITIAL_WINDOW: default.initial_window,
         SettingId.MAX_FRAME_SIZE: default.max_frame_size,
         SettingId.MAX_STREAMS: default.max_streams,
+        SettingId.DATAGRAMS: int(default.datagrams),
     }
     for ident, value in _SETTING.iter_unpack(payload):
         if ident in values:
             values[SettingId(ident)] = value
+    if values[SettingId.DATAGRAMS] > 1:
+        raise RemoteProtocolError(f"DATAGRAMS {values[SettingId.DATAGRAMS]} out of range 0..1")
     settings = Settings(
         initial_window=values[SettingId.INITIAL_WINDOW],
         max_frame_size=values[SettingId.MAX_FRAME_SIZE],
         max_streams=values[SettingId.MAX_STREAMS],
+        datagrams=values[SettingId.DATAGRAMS] == 1,
     )
     settings.validate(RemoteProtocolError)
     return settings
@@ -186,6 +200,7 @@ class OpenRequest:
     service: str
     origin: Origin | None = None
     proxy_protocol: int | None = None
+    datagram: bool = False
 
 
 def decode_open_payload(payload: Payload) -> OpenRequest:
@@ -200,6 +215,7 @@ def decode_open_payload(payload: Payload) -> OpenRequest:
         raise RemoteProtocolError(f"OPEN service name {service!r} is not {SERVICE_RULE}")
     origin: Origin | None = None
     proxy_protocol: int | None = None
+    datagram = False
     pos = end
     while pos < len(payload):
         if pos + 3 > len(payload):
@@ -216,7 +232,13 @@ def decode_open_payload(payload: Payload) -> OpenRequest:
             if len(value) != 1 or value[0] != 2:
                 raise RemoteProtocolError("OPEN PROXY_PROTOCOL option must name version 2")
             proxy_protocol = 2
-    return OpenRequest(service, origin, proxy_protocol)
+        elif kind == OptionType.DATAGRAM:
+            if length:
+                raise RemoteProtocolError("OPEN DATAGRAM option must be empty")
+            datagram = True
+    if datagram and proxy_protocol is not None:
+        raise RemoteProtocolError("OPEN of a datagram stream cannot ask for the PROXY protocol")
+    return OpenRequest(service, origin, proxy_protocol, datagram)
 
 
 def _decode_origin(value: Payload) -> Origin:
