@@ -65,6 +65,7 @@ def test_every_proper_prefix_needs_more_and_later_bytes_are_ignored() -> None:
         assert reader.feed(CURL[i : i + 1]) is NEED_DATA
     result = reader.feed(CURL[-1:] + b"body bytes, or the next request")
     assert isinstance(result, RequestHead) and reader.feed(b"more") == result
+    assert reader.received == CURL + b"body bytes, or the next request"  # forwarded unchanged
 
 
 @pytest.mark.parametrize(

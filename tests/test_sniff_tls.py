@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from atlax.sniff import NEED_DATA, ClientHello, ClientHelloReader, SniffError, SniffFailure
+from atlax.sniff.hostnames import is_ip_literal
 from atlax.sniff.tls import DEFAULT_MAX_SIZE, MAX_BODY
 
 STORED = tomllib.loads((Path(__file__).parent / "data" / "client_hellos.toml").read_text())
@@ -121,11 +122,14 @@ def test_every_proper_prefix_needs_more(name: str) -> None:
     assert isinstance(reader.feed(raw[-1:]), ClientHello)
 
 
-def test_bytes_after_the_client_hello_are_not_looked_at() -> None:
-    raw, expected = VECTORS["curl-sni"]
-    reader = ClientHelloReader()
-    assert reader.feed(raw + b"\x17\x03\x03garbage") == ClientHello(expected)
+def test_bytes_after_the_client_hello_are_not_looked_at_but_kept() -> None:
+    """What the relay forwards is every byte read until the answer, unchanged."""
+    raw, expected = VECTORS["openssl-fragmented"]
+    reader = ClientHelloReader(max_size=len(raw))
+    assert reader.feed(raw[:700]) is NEED_DATA
+    assert reader.feed(raw[700:] + b"\x17\x03\x03garbage") == ClientHello(expected)
     assert reader.feed(b"anything at all") == ClientHello(expected)
+    assert reader.received == raw + b"\x17\x03\x03garbage"
 
 
 @pytest.mark.parametrize("name", [name for name, *_ in CLIENTS])
@@ -139,7 +143,11 @@ def test_live_client(name: str) -> None:
 # -- generated ClientHellos ----------------------------------------------------------------------
 
 LABEL = st.from_regex(r"[a-z0-9]([a-z0-9_-]{0,20}[a-z0-9])?", fullmatch=True)
-NAME = st.lists(LABEL, min_size=2, max_size=5).map(".".join).filter(lambda n: len(n) <= 253)
+NAME = (
+    st.lists(LABEL, min_size=2, max_size=5)
+    .map(".".join)
+    .filter(lambda n: len(n) <= 253 and not is_ip_literal(n))  # an IP is refused (tested below)
+)
 OTHER_EXTENSION = st.tuples(st.integers(1, 65535), st.binary(max_size=300))
 
 

@@ -51,12 +51,20 @@ class RequestHeadReader:
         self._result: RequestHead | None = None
         self._started_like_http: bool | None = None
         self._seen = 0
+        self._received = bytearray()
+
+    @property
+    def received(self) -> bytes:
+        """Every byte fed until the head was complete, as it was fed: what the relay forwards
+        first (the head, and whatever came with it)."""
+        return bytes(self._received)
 
     def feed(self, data: bytes | bytearray | memoryview) -> RequestHead | NeedData:
         """Take the next bytes. As in the ClientHello reader, bytes past `max_size` are never
         parsed, so a head is read if it ends within `max_size` bytes however they were split."""
         if self._result is not None or not data:  # h11 takes b"" for the end of the stream
             return self._result or NEED_DATA
+        self._received += data
         view = memoryview(data).cast("B")
         if self._started_like_http is None:
             self._started_like_http = view[0] in _TCHAR

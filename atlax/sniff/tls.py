@@ -65,7 +65,13 @@ class ClientHelloReader:
         self._records = 0  # records started
         self._left = 0  # payload bytes still to come in the current record
         self._message = bytearray()  # handshake bytes, record headers removed
+        self._received = bytearray()
         self._result: ClientHello | None = None
+
+    @property
+    def received(self) -> bytes:
+        """Every byte fed until the answer, as it was fed: what the relay forwards first."""
+        return bytes(self._received)
 
     def feed(self, data: bytes | bytearray | memoryview) -> ClientHello | NeedData:
         """Take the next bytes. Once a ClientHello is returned, later bytes are not looked at.
@@ -76,6 +82,7 @@ class ClientHelloReader:
         """
         if self._result is not None:
             return self._result
+        self._received += data
         view = memoryview(data).cast("B")
         end = min(len(view), self.max_size - self._seen)
         self._seen += end
@@ -151,7 +158,7 @@ class ClientHelloReader:
             )
         if len(message) < total:
             return None
-        return ClientHello(_server_name(memoryview(message)[HANDSHAKE_HEADER:total]))
+        return ClientHello(_server_name(memoryview(bytes(message[HANDSHAKE_HEADER:total]))))
 
 
 class _Cursor:
