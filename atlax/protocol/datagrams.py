@@ -39,8 +39,9 @@ class DatagramDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        """The datagrams completed by `data`, in order; each is a record's bytes (2 + length)
-        toward the credit the receiver gives back."""
+        """The datagrams completed by `data`, in order. What is kept of a record not yet
+        complete is at most 2 + 65535 bytes, so a receiver may give back the credit for all of
+        `data` once it has handed these datagrams on (or dropped them)."""
         buffer = self._buffer
         buffer += data
         datagrams: list[bytes] = []
