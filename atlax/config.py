@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from .protocol import names
+from .sniff.hostnames import InvalidHostnameError, parse_pattern
 
 
 class ConfigError(Exception):
@@ -81,13 +82,52 @@ class _Model(BaseModel):
 
 
 class ServiceSpec(_Model):
-    """A public port on the relay, forwarded to the agent's service of the same name."""
+    """A public port on the relay, forwarded to the agent's service of the same name.
+
+    With `route` and `hostnames` several services (of several agents) share one TCP port and
+    each client goes to the service that serves the name it asked for (docs/routing.md).
+    """
 
     name: ServiceName
     port: int = Field(ge=1, le=65535)
+    protocol: Literal["tcp", "udp"] = "tcp"
+    route: Literal["tls", "http"] | None = None
+    hostnames: tuple[str, ...] = ()
     proxy_protocol: Literal["v2"] | None = None
     allow: tuple[Network, ...] = ()
     max_connections: int | None = Field(default=None, ge=1)
+
+    @field_validator("hostnames")
+    @classmethod
+    def _hostnames(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        out: list[str] = []
+        for text in value:
+            try:
+                name = parse_pattern(text)
+            except InvalidHostnameError as exc:
+                raise ValueError(str(exc)) from None
+            if name in out:
+                raise ValueError(f"hostname {text!r} appears twice")
+            out.append(name)
+        return tuple(out)
+
+    @model_validator(mode="after")
+    def _routing(self) -> ServiceSpec:
+        if self.protocol == "udp":
+            if self.route is not None or self.hostnames:
+                raise ValueError("a UDP service cannot be routed by hostname (route, hostnames)")
+            if self.proxy_protocol is not None:
+                raise ValueError("proxy_protocol is for TCP services")
+        elif self.route is not None and not self.hostnames:
+            raise ValueError(f'route = "{self.route}" needs the hostnames it serves')
+        elif self.hostnames and self.route is None:
+            raise ValueError('hostnames need route = "tls" or route = "http"')
+        return self
+
+    @property
+    def key(self) -> PortKey:
+        """The public port it listens on: the same number is a TCP and a UDP port."""
+        return PortKey(self.port, self.protocol)
 
     @field_validator("allow", mode="before")
     @classmethod
@@ -103,6 +143,49 @@ class ServiceSpec(_Model):
         return value
 
 
+class PortKey(NamedTuple):
+    port: int
+    protocol: str
+
+    def __str__(self) -> str:
+        return f"{self.port}/{self.protocol}"
+
+
+def sharing_conflict(claims: Iterable[tuple[str, ServiceSpec]]) -> str | None:
+    """Why services, each with the agent that owns it, cannot all have their public ports, or
+    None. Services share a port only if every one of them routes by hostname, with the same
+    route, and no hostname (or wildcard) is claimed twice."""
+    users: dict[PortKey, list[tuple[str, ServiceSpec]]] = {}
+    for agent, service in claims:
+        users.setdefault(service.key, []).append((agent, service))
+    for key, sharing in sorted(users.items()):
+        if len(sharing) < 2:
+            continue
+        first, second = sharing[0], sharing[1]
+        if any(service.route is None for _, service in sharing):
+            return (
+                f"port {key} is used by {_who(*first)} and {_who(*second)} "
+                "(a shared port needs route and hostnames on every service)"
+            )
+        routes = sorted({str(service.route) for _, service in sharing})
+        if len(routes) > 1:
+            return f"port {key} mixes route {' and '.join(repr(r) for r in routes)}"
+        owners: dict[str, tuple[str, ServiceSpec]] = {}
+        for agent, service in sharing:
+            for hostname in service.hostnames:
+                owner = owners.setdefault(hostname, (agent, service))
+                if owner != (agent, service):
+                    return (
+                        f"hostname {hostname!r} on port {key} is claimed by "
+                        f"{_who(*owner)} and {_who(agent, service)}"
+                    )
+    return None
+
+
+def _who(agent: str, service: ServiceSpec) -> str:
+    return f"agent {agent!r} (service {service.name!r})"
+
+
 class AgentSpec(_Model):
     name: AgentName
     services: tuple[ServiceSpec, ...]
@@ -110,13 +193,14 @@ class AgentSpec(_Model):
 
     @model_validator(mode="after")
     def _unique(self) -> AgentSpec:
-        for attr in ("name", "port"):
-            seen: set[object] = set()
-            for service in self.services:
-                value = getattr(service, attr)
-                if value in seen:
-                    raise ValueError(f"service {attr} {value!r} appears twice")
-                seen.add(value)
+        seen: set[str] = set()
+        for service in self.services:
+            if service.name in seen:
+                raise ValueError(f"service name {service.name!r} appears twice")
+            seen.add(service.name)
+        conflict = sharing_conflict((self.name, service) for service in self.services)
+        if conflict is not None:
+            raise ValueError(conflict)
         return self
 
 
@@ -140,6 +224,7 @@ class RelaySettings(_Keepalive):
     public_host: str = "0.0.0.0"
     metrics: HostPortField | None = None
     handshake_timeout: float = Field(default=10.0, gt=0)
+    route_timeout: float = Field(default=5.0, gt=0)  # for a shared port's ClientHello or Host
     max_agents: int = Field(default=1000, ge=1)
     max_streams_per_agent: int = Field(default=4096, ge=1)
     max_connections_per_port: int = Field(default=1024, ge=1)
@@ -154,17 +239,13 @@ class RelayConfig(_Model):
     @model_validator(mode="after")
     def _unique(self) -> RelayConfig:
         names: set[str] = set()
-        ports: dict[int, str] = {}
         for agent in self.agents:
             if agent.name in names:
                 raise ValueError(f"agent {agent.name!r} appears twice")
             names.add(agent.name)
-            for service in agent.services:
-                other = ports.setdefault(service.port, agent.name)
-                if other != agent.name:
-                    raise ValueError(
-                        f"port {service.port} is used by agents {other!r} and {agent.name!r}"
-                    )
+        conflict = sharing_conflict((a.name, s) for a in self.agents for s in a.services)
+        if conflict is not None:
+            raise ValueError(conflict)
         return self
 
 

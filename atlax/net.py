@@ -30,16 +30,15 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 Handler = Callable[[Any], Coroutine[Any, Any, None]]
 
 
-async def listen_sockets(host: str, port: int) -> list[socket.socket]:
-    """Non-blocking listening sockets for `host` (every address it resolves to) and `port`.
+async def listen_sockets(host: str, port: int, *, udp: bool = False) -> list[socket.socket]:
+    """Non-blocking listening sockets for `host` (every address it resolves to) and `port`;
+    bound UDP sockets with `udp`.
 
     Port 0 picks a free port for the first address and uses the same one for the others.
     """
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
     infos = await anyio.getaddrinfo(
-        host or None,
-        port,
-        type=socket.SOCK_STREAM,
-        flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG,
+        host or None, port, type=kind, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
     )
     sockets: list[socket.socket] = []
     seen: set[Any] = set()
@@ -48,15 +47,17 @@ async def listen_sockets(host: str, port: int) -> list[socket.socket]:
             if address in seen:
                 continue
             seen.add(address)
-            sock = socket.socket(family, socket.SOCK_STREAM, proto)
+            sock = socket.socket(family, kind, proto)
             sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if not udp:  # for UDP it would let a second process bind the same port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if port == 0 and len(sockets) > 1:
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
             sock.bind(address)
-            sock.listen(65535)  # the kernel caps it at net.core.somaxconn
+            if not udp:
+                sock.listen(65535)  # the kernel caps it at net.core.somaxconn
             sock.setblocking(False)
     except OSError:
         for sock in sockets:

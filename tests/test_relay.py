@@ -63,7 +63,7 @@ def _binding(service: ServiceSpec, session: object | None, **agent: object) -> P
         AgentSpec.model_validate({"name": "home-nas", "services": [service], **agent})
     )
     state.session = session  # type: ignore[assignment]
-    return PortBinding(state, service, [])
+    return PortBinding(state, service)
 
 
 def _origin(source: str) -> Origin:

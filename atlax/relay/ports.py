@@ -2,7 +2,8 @@
 
 A refused client is closed at once with a TCP RST, counted by `Refusal` (whose values are the
 `atlax_connections_refused_total` labels) and logged at a limited rate. An admitted one becomes
-a stream of its agent's tunnel and from then on lives in socket callbacks, with no task.
+a stream of its agent's tunnel and from then on lives in socket callbacks, with no task. On a
+port shared by hostname, `routing.py` first reads which service the client wants.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import anyio.abc
 from ..config import RelaySettings
 from ..logs import RateLimitedLog
 from ..mux import MuxStream, StreamObserver, TunnelClosedError
-from ..net import accept_sockets, close_listener, close_with_reset, origin_of, set_keepalive
+from ..net import accept_sockets, close_with_reset, origin_of, set_keepalive
 from ..protocol import Origin
 from .observer import RelayObserver
-from .registry import AgentState, PortBinding
+from .registry import AgentState, PortBinding, PublicPort
 
 log = logging.getLogger("atlax.relay")
 
@@ -40,6 +41,14 @@ class Refusal(StrEnum):
         "that source address is at max_connections_per_source on this port",
     )
     AGENT_LIMIT = "agent_limit", "the agent is at its max_streams limit"
+    # A port shared by hostname (routing.py): what the first bytes said, or did not.
+    NOT_TLS = "not_tls", "not a TLS ClientHello"
+    NOT_HTTP = "not_http", "not an HTTP request"
+    MALFORMED = "malformed", "a malformed ClientHello or request head"
+    TOO_LARGE = "too_large", "a ClientHello or request head over the size limit"
+    ROUTE_TIMEOUT = "route_timeout", "no complete ClientHello or request head within route_timeout"
+    NO_HOSTNAME = "no_hostname", "it named no hostname (no SNI, no Host)"
+    UNKNOWN_HOST = "unknown_host", "no service on this port serves the hostname it asked for"
 
     text: str
 
@@ -79,66 +88,81 @@ def _contains(network: ipaddress.IPv4Network | ipaddress.IPv6Network, address: A
 
 
 class PublicPorts:
-    """Serves the registry's port bindings; `serve` is the registry's `serve_port`."""
+    """Serves the registry's public ports; `serve` is the registry's `serve_port`."""
 
     def __init__(self, settings: RelaySettings, observer: RelayObserver) -> None:
         self.settings = settings
         self.observer = observer
         self.task_group: anyio.abc.TaskGroup | None = None  # the relay's, set while it serves
         self._refusals = RateLimitedLog(log)
+        from .routing import Router  # routing.py builds on this module's Refusal and join
 
-    def serve(self, binding: PortBinding) -> None:
-        """Start accepting on a new binding (until `binding.close()`)."""
+        self._router = Router(self)
+
+    def serve(self, public: PublicPort) -> None:
+        """Start serving a newly opened port (until `public.close()`)."""
         assert self.task_group is not None, "ports are opened only while the relay serves"
-        self.task_group.start_soon(self._accept, binding)
+        self.task_group.start_soon(self._accept, public)
 
-    async def _accept(self, binding: PortBinding) -> None:
+    async def _accept(self, public: PublicPort) -> None:
         async def handle(client: socket.socket) -> None:
-            await self._join(binding, client)
+            if public.route is None:
+                await self._join(public.bindings[0], client)
+            else:
+                await self._router.take(public, client)
 
         try:
-            with binding.scope:
+            with public.scope:
                 async with anyio.create_task_group() as tg:
-                    for sock in binding.listeners:
+                    for sock in public.listeners:
                         tg.start_soon(accept_sockets, sock, handle)
         finally:
-            for sock in binding.listeners:
-                close_listener(sock)
+            public.stop_listening()
+
+    def refuse(
+        self, port: int, origin: Origin | None, reason: Refusal, detail: str | None = None
+    ) -> None:
+        """Count and log (at a limited rate) a client closed before it reached an agent."""
+        self.observer.connection_refused(port, reason)
+        where = f"{origin.source}:{origin.source_port}" if origin else "unknown peer"
+        self._refusals.warning(
+            f"{port}/{reason}",
+            "port %d: closed connection from %s: %s",
+            port,
+            where,
+            detail or reason.text,
+        )
+
+    def open_stream(self, binding: PortBinding, origin: Origin | None) -> MuxStream | None:
+        """A new stream for a client the policy admits; None if refused (counted) or if the
+        tunnel just closed."""
+        reason = refusal(binding, origin, self.settings)
+        if reason is not None:
+            self.refuse(binding.service.port, origin, reason)
+            return None
+        service, state = binding.service, binding.state
+        assert state.session is not None
+        try:
+            proxy = 2 if service.proxy_protocol == "v2" else None
+            stream = state.session.open_stream_now(service.name, origin, proxy)
+        except TunnelClosedError:
+            return None
+        source = origin.source if origin is not None else None
+        stream.observer = _PublicConnection(self.observer, binding, state, stream, source)
+        return stream
 
     async def _join(self, binding: PortBinding, client: socket.socket) -> None:
         """Join a public connection to a new stream; from then on it lives in callbacks."""
-        service = binding.service
-        origin = origin_of(client)
-        reason = refusal(binding, origin, self.settings)
-        if reason is not None:
-            self.observer.connection_refused(service.port, reason)
-            where = f"{origin.source}:{origin.source_port}" if origin else "unknown peer"
-            self._refusals.warning(
-                f"{service.port}/{reason}",
-                "port %d: closed connection from %s: %s",
-                service.port,
-                where,
-                reason.text,
-            )
+        stream = self.open_stream(binding, origin_of(client))
+        if stream is None:
             close_with_reset(client)
             return
-        state = binding.state
-        session = state.session
-        assert session is not None
-        try:
-            proxy = 2 if service.proxy_protocol == "v2" else None
-            stream = session.open_stream_now(service.name, origin, proxy)
-        except TunnelClosedError:
-            client.close()
-            return
-        source = origin.source if origin is not None else None
-        stream.observer = _PublicConnection(self.observer, binding, state, stream, source)
         set_keepalive(client)  # clients that vanish without FIN or RST are reaped
         loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(lambda: stream, client)
         except (OSError, ValueError) as exc:
-            log.debug("port %d: client gone before it was joined: %s", service.port, exc)
+            log.debug("port %d: client gone before it was joined: %s", binding.service.port, exc)
             stream.abort()
             close_with_reset(client)
 

@@ -11,19 +11,20 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from ..config import AgentSpec, ServiceSpec
+from ..config import AgentSpec, PortKey, ServiceSpec
 from ..isotime import iso_utc
 from ..logs import describe
 from ..mux import MuxSession, MuxStream
 from ..net import close_listener, listen_sockets
 from ..protocol import ErrorCode
+from ..sniff import HostnameTable
 
 log = logging.getLogger("atlax.relay")
 
@@ -78,18 +79,26 @@ class AgentState:
             "bytesIn": self.bytes_from_agent,
             "bytesOut": self.bytes_to_agent,
             "rttSeconds": rtt,
-            "services": [{"name": s.name, "port": s.port} for s in self.spec.services],
+            "services": [_service_snapshot(s) for s in self.spec.services],
         }
+
+
+def _service_snapshot(service: ServiceSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": service.name, "port": service.port}
+    if service.protocol != "tcp":
+        out["protocol"] = service.protocol
+    if service.route is not None:
+        out["route"] = service.route
+        out["hostnames"] = list(service.hostnames)
+    return out
 
 
 @dataclass(eq=False)
 class PortBinding:
-    """One public port of one agent's service, its listening sockets and open connections."""
+    """One agent's service on a public port, and the connections (or UDP flows) it has open."""
 
     state: AgentState
     service: ServiceSpec
-    listeners: list[socket.socket]
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     streams: set[MuxStream] = field(default_factory=set)
     connections: int = 0
     by_source: dict[Any, int] = field(default_factory=dict)  # open connections per client IP
@@ -97,6 +106,85 @@ class PortBinding:
     @property
     def agent(self) -> str:
         return self.state.name
+
+    def close(self) -> None:
+        """Drop the service's open connections."""
+        for stream in list(self.streams):
+            stream.abort()
+
+
+@dataclass(eq=False)
+class PublicPort:
+    """A public TCP or UDP port, its sockets, and the services it serves: one, or several that
+    share it by hostname (`route`), each hostname to one service (docs/routing.md)."""
+
+    key: PortKey
+    listeners: list[socket.socket]
+    bindings: list[PortBinding] = field(default_factory=list)
+    hostnames: HostnameTable[PortBinding] = field(default_factory=HostnameTable)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    sniffing: int = 0  # connections of a shared port still being read (routing.py)
+    sniffing_by_source: dict[Any, int] = field(default_factory=dict)
+
+    @property
+    def route(self) -> str | None:
+        """ "tls" or "http" when the port is shared by hostname (every binding says the same)."""
+        return self.bindings[0].service.route if self.bindings else None
+
+    @property
+    def text(self) -> str:
+        """How messages name the port: "443" for TCP, "53/udp" for UDP."""
+        return str(self.key.port) if self.key.protocol == "tcp" else str(self.key)
+
+    def lookup(self, hostname: str) -> PortBinding | None:
+        """The service for `hostname` on a shared port: exact name, then longest wildcard."""
+        return self.hostnames.lookup(hostname)
+
+    def conflict(self, agent: str, services: list[ServiceSpec]) -> str | None:
+        """Why `agent` cannot put `services` on this port beside the other agents here."""
+        others = [b for b in self.bindings if b.agent != agent]
+        if not others:
+            return None
+        owner = others[0]
+        if owner.service.route is None or any(s.route is None for s in services):
+            return f"port {self.text} is already used by agent {owner.agent!r}"
+        for service in services:
+            if service.route != owner.service.route:
+                return (
+                    f"port {self.text} routes by {owner.service.route!r} (agent "
+                    f"{owner.agent!r}), not {service.route!r}"
+                )
+            for hostname in service.hostnames:
+                holder = self.hostnames.get(hostname)
+                if holder is not None and holder.agent != agent:
+                    return (
+                        f"hostname {hostname!r} on port {self.text} is already used by agent "
+                        f"{holder.agent!r}"
+                    )
+        return None
+
+    def assign(self, state: AgentState, services: list[ServiceSpec]) -> None:
+        """Make `services` the agent's bindings here; a binding of the same service name keeps
+        its open connections and counters."""
+        kept = {b.service.name: b for b in self.bindings if b.state is state}
+        self.release(state, keep={s.name for s in services})
+        for service in services:
+            binding = kept.get(service.name)
+            if binding is None:
+                binding = PortBinding(state, service)
+                self.bindings.append(binding)
+            binding.service = service
+            for hostname in service.hostnames:
+                self.hostnames.add(hostname, binding)
+
+    def release(self, state: AgentState, keep: Collection[str] = ()) -> None:
+        """Remove the agent's bindings (but those named in `keep`, whose hostnames go too)."""
+        for binding in [b for b in self.bindings if b.state is state]:
+            for hostname in binding.service.hostnames:
+                self.hostnames.remove(hostname)
+            if binding.service.name not in keep:
+                self.bindings.remove(binding)
+                binding.close()
 
     def stop_listening(self) -> None:
         """No new clients; open ones keep running."""
@@ -107,18 +195,18 @@ class PortBinding:
         """Stop listening and drop the port's open connections."""
         self.scope.cancel()
         self.stop_listening()
-        for stream in list(self.streams):
-            stream.abort()
+        for binding in self.bindings:
+            binding.close()
 
 
 class AgentRegistry:
-    """Agents and their port bindings. `serve_port` starts accepting on a new binding."""
+    """Agents and their public ports. `serve_port` starts serving a newly opened port."""
 
-    def __init__(self, public_host: str, serve_port: Callable[[PortBinding], None]) -> None:
+    def __init__(self, public_host: str, serve_port: Callable[[PublicPort], None]) -> None:
         self.public_host = public_host
         self._serve_port = serve_port
         self._agents: dict[str, AgentState] = {}
-        self._ports: dict[int, PortBinding] = {}
+        self._ports: dict[PortKey, PublicPort] = {}
         self._apply_lock = anyio.Lock()
 
     # -- reading -----------------------------------------------------------------------------
@@ -132,18 +220,27 @@ class AgentRegistry:
         state = self._agents.get(name)
         return None if state is None else state.snapshot()
 
-    def port_owner(self, port: int) -> str | None:
-        """The agent whose service listens on public `port`, if any."""
-        binding = self._ports.get(port)
-        return None if binding is None else binding.agent
+    def port_owner(self, port: int, protocol: str = "tcp") -> str | None:
+        """The agent whose service has public `port` to itself, if any."""
+        public = self._ports.get(PortKey(port, protocol))
+        if public is None or public.route is not None:
+            return None
+        return public.bindings[0].agent
 
     def get(self, name: str) -> AgentState | None:
         """The live entry of one agent (its tunnel is `.session`)."""
         return self._agents.get(name)
 
-    def binding(self, port: int) -> PortBinding | None:
-        """The binding of public `port` (its open `connections`, per source `by_source`)."""
-        return self._ports.get(port)
+    def binding(self, port: int, protocol: str = "tcp") -> PortBinding | None:
+        """The binding of a public port that one service has to itself (its open
+        `connections`, per source `by_source`)."""
+        public = self._ports.get(PortKey(port, protocol))
+        if public is None or public.route is not None:
+            return None
+        return public.bindings[0]
+
+    def port(self, port: int, protocol: str = "tcp") -> PublicPort | None:
+        return self._ports.get(PortKey(port, protocol))
 
     def connected(self) -> int:
         """Agents with a tunnel now."""
@@ -153,7 +250,7 @@ class AgentRegistry:
         """Every live tunnel."""
         return [a.session for a in self._agents.values() if a.session is not None]
 
-    def bindings(self) -> list[PortBinding]:
+    def ports(self) -> list[PublicPort]:
         return list(self._ports.values())
 
     def bytes_moved(self) -> int:
@@ -165,15 +262,18 @@ class AgentRegistry:
     async def apply_agent(self, spec: AgentSpec) -> bool:
         """Make `spec` the agent's desired state: all ports open or none. True if it changed."""
         async with self._apply_lock:
-            wanted = {s.port: s for s in spec.services}
-            for port in sorted(wanted):
-                owner = self.port_owner(port)
-                if owner is not None and owner != spec.name:
-                    raise PortConflictError(port, f"port {port} is already used by agent {owner!r}")
-            bound: dict[int, list[socket.socket]] = {}
+            wanted: dict[PortKey, list[ServiceSpec]] = {}
+            for service in spec.services:
+                wanted.setdefault(service.key, []).append(service)
+            for key in sorted(wanted):
+                public = self._ports.get(key)
+                reason = None if public is None else public.conflict(spec.name, wanted[key])
+                if reason is not None:
+                    raise PortConflictError(key.port, reason)
+            bound: dict[PortKey, list[socket.socket]] = {}
             try:
-                for port in sorted(p for p in wanted if p not in self._ports):
-                    bound[port] = await self._bind(port)
+                for key in sorted(k for k in wanted if k not in self._ports):
+                    bound[key] = await self._bind(key)
             except PortConflictError:
                 for listeners in bound.values():
                     for sock in listeners:
@@ -181,22 +281,24 @@ class AgentRegistry:
                 raise
             state = self._agents.get(spec.name)
             changed = state is None or state.spec != spec
+            ports = ", ".join(str(k) for k in sorted(wanted))
             if state is None:
                 state = self._agents[spec.name] = AgentState(spec)
-                log.info("agent %r configured with ports %s", spec.name, sorted(wanted))
+                log.info("agent %r configured with ports %s", spec.name, ports)
             elif changed:
-                log.info("agent %r updated: ports %s", spec.name, sorted(wanted))
+                log.info("agent %r updated: ports %s", spec.name, ports)
             state.spec = spec
-            for port, binding in list(self._ports.items()):
-                if binding.state is state and port not in wanted:
-                    del self._ports[port]
-                    binding.close()
-            for port, service in wanted.items():
-                if port in bound:
-                    binding = self._ports[port] = PortBinding(state, service, bound[port])
-                    self._serve_port(binding)
+            for key, public in list(self._ports.items()):
+                if key not in wanted:
+                    self._release(public, state)
+            for key, services in wanted.items():
+                public = self._ports.get(key)
+                if public is None:
+                    public = self._ports[key] = PublicPort(key, bound[key])
+                    public.assign(state, services)
+                    self._serve_port(public)
                 else:
-                    self._ports[port].service = service
+                    public.assign(state, services)
             return changed
 
     async def remove_agent(self, name: str) -> bool:
@@ -205,30 +307,35 @@ class AgentRegistry:
             state = self._agents.pop(name, None)
             if state is None:
                 return False
-            for port, binding in list(self._ports.items()):
-                if binding.state is state:
-                    del self._ports[port]
-                    binding.close()
+            for public in list(self._ports.values()):
+                self._release(public, state)
             if state.session is not None:
                 state.session.close(ErrorCode.UNAUTHORIZED, f"agent {name!r} was removed")
             log.info("agent %r removed: ports closed, identity revoked", name)
             return True
 
-    async def _bind(self, port: int) -> list[socket.socket]:
+    def _release(self, public: PublicPort, state: AgentState) -> None:
+        """Take the agent off a port; a port nobody uses any more is closed."""
+        public.release(state)
+        if not public.bindings:
+            del self._ports[public.key]
+            public.close()
+
+    async def _bind(self, key: PortKey) -> list[socket.socket]:
         host = self.public_host
         try:
-            return await listen_sockets(host, port)
+            return await listen_sockets(host, key.port, udp=key.protocol == "udp")
         except PermissionError:
             raise PortNotPermittedError(
-                port,
-                f"cannot listen on {host}:{port}: permission denied; ports below "
+                key.port,
+                f"cannot listen on {host}:{key.port}: permission denied; ports below "
                 f"{_unprivileged_port_start()} need the sysctl "
                 "net.ipv4.ip_unprivileged_port_start at or below the port, or "
                 "CAP_NET_BIND_SERVICE (Helm: relay.allowPrivilegedPorts=true)",
             ) from None
         except OSError as exc:
-            reason = describe(exc)
-            raise PortConflictError(port, f"cannot listen on {host}:{port}: {reason}") from None
+            where = f"{host}:{key.port}" + ("/udp" if key.protocol == "udp" else "")
+            raise PortConflictError(key.port, f"cannot listen on {where}: {describe(exc)}") from None
 
 
 def _unprivileged_port_start() -> int:

@@ -139,8 +139,8 @@ class Relay:
         log.info("relay shutting down: draining streams for up to %gs", grace)
         for sock in self._listeners:
             close_listener(sock)
-        for binding in self.registry.bindings():
-            binding.stop_listening()  # no new clients; open ones keep running
+        for public in self.registry.ports():
+            public.stop_listening()  # no new clients; open ones keep running
         sessions = self.registry.sessions()
         for session in sessions:
             session.close(ErrorCode.NO_ERROR, "relay shutting down")
