@@ -192,6 +192,24 @@ def service_ports(cp: ControlPlane) -> set[int]:
     }
 
 
+def relay_hostnames(stack: Stack) -> dict[str, str]:
+    """hostname -> agent, as the relay's control socket reports it ({} while the relay is down)."""
+
+    async def ask() -> dict[str, Any]:
+        return await ControlClient(stack.socket, timeout=3).agents()
+
+    try:
+        listing = anyio.run(ask)
+    except ControlSocketError:
+        return {}
+    return {
+        h: a["name"]
+        for a in listing["agents"]
+        for s in a["services"]
+        for h in s.get("hostnames", [])
+    }
+
+
 def service_owners(cp: ControlPlane) -> dict[str, str]:
     svc = kubectl_json(cp, "get", "service", "atlax-relay", "-n", NS)
     owners: dict[str, str] = json.loads(svc["metadata"]["annotations"].get("atlax.dev/ports", "{}"))
@@ -381,6 +399,86 @@ def test_port_conflict_between_two_tunnel_agents(stack: Stack) -> None:
     assert service_owners(cp) == {str(port): f"{NS}/second"}
 
 
+def routed_agent(name: str, port: int, *hostnames: str, **udp: int) -> dict[str, Any]:
+    services: list[dict[str, Any]] = [
+        {"name": "site", "port": port, "route": "tls", "hostnames": list(hostnames)}
+    ]
+    services += [{"name": s, "port": p, "protocol": "udp"} for s, p in udp.items()]
+    return {
+        "apiVersion": "atlax.dev/v1alpha1",
+        "kind": "TunnelAgent",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"services": services},
+    }
+
+
+@pytest.mark.k8s
+def test_hostnames_shared_between_tunnel_agents_survive_a_relay_restart(stack: Stack) -> None:
+    """Two TunnelAgents share one port by hostname; a third that claims a taken hostname gets
+    PortsOpen=False naming the owner, before and after a relay restart; UDP ports reach the
+    Service as UDP."""
+    cp = stack.cp
+    port, dns = free_port(), free_port()
+    apply(cp, routed_agent("first", port, "nas.example.com"))
+    apply(cp, routed_agent("second", port, "*.office.example.com", dns=dns))
+    for name in ("first", "second"):
+        wait_for(
+            lambda n=name: stack.condition(n, "PortsOpen").get("status") == "True",  # type: ignore[misc]
+            60,
+            f"{name} PortsOpen",
+        )
+    svc = kubectl_json(cp, "get", "service", "atlax-relay", "-n", NS)
+    assert sorted((p["port"], p["protocol"]) for p in svc["spec"]["ports"]) == sorted(
+        [(7443, "TCP"), (port, "TCP"), (dns, "UDP")]
+    )
+    shared = json.loads(svc["metadata"]["annotations"]["atlax.dev/hostnames"])
+    assert shared == {
+        str(port): {
+            "route": "tls",
+            "hostnames": {"nas.example.com": f"{NS}/first", "*.office.example.com": f"{NS}/second"},
+        }
+    }
+    assert json.loads(svc["metadata"]["annotations"]["atlax.dev/ports"]) == {
+        f"{dns}/udp": f"{NS}/second"
+    }
+
+    apply(cp, routed_agent("home-nas", port, "nas.example.com"))
+    cond = wait_for(
+        lambda: (c := stack.condition("home-nas", "PortsOpen")).get("status") == "False" and c,
+        60,
+        "home-nas's conflict",
+    )
+    assert cond["reason"] == "PortConflict"
+    assert cond["message"] == (
+        f"hostname 'nas.example.com' on port {port} is already used by TunnelAgent {NS}/first"
+    )
+
+    stack.relay.kill()  # the restarted relay remembers no hostname: the Service's annotation does
+    stack.relay.wait(5)
+    stack.start_relay()
+    wait_for(
+        lambda: (
+            relay_hostnames(stack) == {"nas.example.com": "first", "*.office.example.com": "second"}
+        ),
+        30,
+        "both owners back at the relay",
+    )
+    time.sleep(3)  # three status ticks of home-nas retrying its conflict
+    assert relay_hostnames(stack).get("nas.example.com") == "first"
+    assert stack.condition("home-nas", "PortsOpen")["reason"] == "PortConflict"
+
+    cp.kubectl("delete", "tunnelagent", "first", "-n", NS, "--timeout=30s")
+    wait_for(
+        lambda: stack.condition("home-nas", "PortsOpen").get("status") == "True",
+        60,
+        "home-nas takes the hostname",
+    )
+    assert relay_hostnames(stack) == {
+        "nas.example.com": "home-nas",
+        "*.office.example.com": "second",
+    }
+
+
 @pytest.mark.k8s
 def test_relay_restart_is_repaired(stack: Stack) -> None:
     cp = stack.cp
@@ -449,7 +547,29 @@ def test_delete_while_a_timer_tick_waits_on_the_relay(stack: Stack) -> None:
         ([{"name": "web", "port": 0}], "should be greater than or equal to 1"),
         ([{"name": "web", "port": 70000}], "should be less than or equal to 65535"),
         ([{"name": "web", "port": 1}, {"name": "web", "port": 2}], "Duplicate value"),
-        ([{"name": "a", "port": 1}, {"name": "b", "port": 1}], "service ports must be unique"),
+        ([{"name": "a", "port": 1}, {"name": "b", "port": 1}], "needs route (the same on each)"),
+        (
+            [
+                {"name": "a", "port": 1, "route": "tls", "hostnames": ["a.example"]},
+                {"name": "b", "port": 1, "route": "http", "hostnames": ["b.example"]},
+            ],
+            "needs route (the same on each)",
+        ),
+        (
+            [
+                {"name": "a", "port": 1, "route": "tls", "hostnames": ["a.example"]},
+                {"name": "b", "port": 1, "route": "tls", "hostnames": ["a.example"]},
+            ],
+            "a hostname may be claimed once per port",
+        ),
+        ([{"name": "a", "port": 1, "route": "tls"}], "route needs the hostnames it serves"),
+        ([{"name": "a", "port": 1, "hostnames": ["a.example"]}], "hostnames need route"),
+        (
+            [{"name": "a", "port": 1, "protocol": "udp", "route": "tls", "hostnames": ["a.b"]}],
+            "a UDP service cannot have route",
+        ),
+        ([{"name": "a", "port": 1, "route": "tls", "hostnames": ["A.example"]}], "should match"),
+        ([{"name": "a", "port": 1, "protocol": "sctp"}], "Unsupported value"),
         ([{"name": "a", "port": 1, "allowedSourceRanges": ["nope"]}], "must be a CIDR"),
         ([], "should have at least 1 items"),
     ],

@@ -32,6 +32,7 @@ from atlax.control.client import ControlClient, ControlSocketError
 from atlax.isotime import iso_utc
 
 from . import FINALIZER, GROUP, PLURAL, VERSION, kube, pki
+from .claims import ClaimConflictError, Claims
 from .conditions import condition_true, same_conditions, set_condition
 from .locks import AgentLocks
 
@@ -100,6 +101,11 @@ def _relay_services(spec: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for s in spec.get("services", []):
         item: dict[str, Any] = {"name": s["name"], "port": s["port"]}
+        if s.get("protocol", "tcp") != "tcp":
+            item["protocol"] = s["protocol"]
+        if s.get("route"):
+            item["route"] = s["route"]
+            item["hostnames"] = list(s.get("hostnames", []))
         if s.get("proxyProtocol"):
             item["proxy_protocol"] = s["proxyProtocol"]
         if s.get("allowedSourceRanges"):
@@ -111,15 +117,24 @@ def _relay_services(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _ports_text(spec: dict[str, Any]) -> str:
-    return ",".join(f"{s['name']}:{s['port']}" for s in spec.get("services", []))
+    return ",".join(
+        f"{s['name']}:{s['port']}" + ("/udp" if s.get("protocol") == "udp" else "")
+        for s in spec.get("services", [])
+    )
 
 
-def _relay_ports(live: dict[str, Any]) -> set[tuple[str, int]]:
-    return {(s["name"], int(s["port"])) for s in live.get("services", [])}
-
-
-def _spec_ports(spec: dict[str, Any]) -> set[tuple[str, int]]:
-    return {(s["name"], int(s["port"])) for s in spec.get("services", [])}
+def _ports(services: list[dict[str, Any]]) -> set[tuple[str, int, str, str, tuple[str, ...]]]:
+    """What a service list (the spec's or the relay's live one) claims, to compare the two."""
+    return {
+        (
+            s["name"],
+            int(s["port"]),
+            s.get("protocol", "tcp"),
+            s.get("route") or "",
+            tuple(sorted(s.get("hostnames") or ())),
+        )
+        for s in services
+    }
 
 
 def _condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any]:
@@ -273,14 +288,14 @@ class Reconciler:
         port list."""
         cfg = self.config
         owner = f"{cfg.namespace}/{name}"
-        ports = {int(s["port"]) for s in spec.get("services", [])}
+        claims = Claims.of(spec.get("services", []))
         try:
-            await kube.check_service_ports(cfg.namespace, cfg.service_name, owner, ports)
+            await kube.check_claims(cfg.namespace, cfg.service_name, owner, claims)
             pushed = await self._push(name, spec)
             if not pushed.open:
                 return pushed
-            lb = await kube.sync_service_ports(cfg.namespace, cfg.service_name, owner, ports)
-        except kube.PortTakenError as exc:
+            lb = await kube.sync_claims(cfg.namespace, cfg.service_name, owner, claims)
+        except ClaimConflictError as exc:
             await self._release_foreign_ports(name, owner)
             return PortsResult(PortsReason.PORT_CONFLICT, str(exc))
         except kube.ServiceNotFoundError as exc:
@@ -313,14 +328,12 @@ class Reconciler:
             status, live = await self.state.client.call("GET", f"/agents/{name}")
             if status != 200 or not isinstance(live, dict):
                 return
-            holders = await kube.port_holders(cfg.namespace, cfg.service_name)
-            foreign = sorted(
-                port for _, port in _relay_ports(live) if holders.get(port, owner) != owner
-            )
-            if foreign:
+            held = await kube.holdings(cfg.namespace, cfg.service_name)
+            foreign = held.conflict(owner, Claims.of(live.get("services", [])))
+            if foreign is not None:
                 log.warning(
-                    "TunnelAgent %r holds port(s) %s at the relay that belong to others: "
-                    "removing it from the relay until the conflict is resolved",
+                    "TunnelAgent %r holds a port or hostname at the relay that belongs to "
+                    "others (%s): removing it from the relay until the conflict is resolved",
                     name,
                     foreign,
                 )
@@ -442,18 +455,18 @@ class Reconciler:
             return "the relay does not know it (restarted?)"
         if self._pushed_to.get(name) != view.relay_id:
             return "the relay restarted"
-        if _relay_ports(live) != _spec_ports(spec):
+        if _ports(live.get("services", [])) != _ports(spec.get("services", [])):
             return "the relay's ports differ from the spec"
         return None
 
     async def _repair_service_ports(self, name: str, spec: dict[str, Any]) -> None:
         cfg = self.config
-        ports = {int(s["port"]) for s in spec.get("services", [])}
+        claims = Claims.of(spec.get("services", []))
         try:
-            await kube.sync_service_ports(
-                cfg.namespace, cfg.service_name, f"{cfg.namespace}/{name}", ports
+            await kube.sync_claims(
+                cfg.namespace, cfg.service_name, f"{cfg.namespace}/{name}", claims
             )
-        except (kube.PortTakenError, kube.ServiceNotFoundError) as exc:
+        except (ClaimConflictError, kube.ServiceNotFoundError) as exc:
             log.warning("TunnelAgent %r: %s", name, exc)
 
     # -- delete ------------------------------------------------------------------------------
@@ -481,9 +494,7 @@ class Reconciler:
         try:
             # The agent's Secret is owned by the TunnelAgent: the garbage collector deletes it
             # (the operator's Role has no `delete` on Secrets).
-            await kube.remove_service_ports(
-                cfg.namespace, cfg.service_name, f"{cfg.namespace}/{name}"
-            )
+            await kube.remove_claims(cfg.namespace, cfg.service_name, f"{cfg.namespace}/{name}")
         except ApiException as exc:
             raise kopf.TemporaryError(kube.describe(exc), delay=5) from None
         kopf.info(body, reason="Revoked", message=f"{name!r} revoked at the relay, ports closed")

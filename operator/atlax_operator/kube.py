@@ -2,7 +2,7 @@
 
 Least privilege: Secrets in the operator's namespace (its CA, the relay's certificate, one per
 agent), and get/update of one Service (the relay's), whose ports it shares with other owners
-through the `atlax.dev/ports` annotation.
+through the `atlax.dev/ports` and `atlax.dev/hostnames` annotations (claims.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from kubernetes.client.exceptions import ApiException
 
 from atlax import logs
 
-PORTS_ANNOTATION = "atlax.dev/ports"
+from .claims import Claims, Holdings
+
 T = TypeVar("T")
 
 
@@ -193,13 +194,6 @@ def _secret_body(
     return body
 
 
-class PortTakenError(Exception):
-    def __init__(self, port: int, owner: str) -> None:
-        super().__init__(f"port {port} is already used by TunnelAgent {owner}")
-        self.port = port
-        self.owner = owner
-
-
 class ServiceNotFoundError(Exception):
     def __init__(self, namespace: str, service: str) -> None:
         super().__init__(
@@ -217,80 +211,42 @@ async def _read_service(namespace: str, service: str) -> Any:
         raise
 
 
-def _owned(svc: Any) -> dict[str, str]:
-    annotations = svc.metadata.annotations or {}
-    try:
-        owned = json.loads(annotations.get(PORTS_ANNOTATION, "{}"))
-    except ValueError:
-        return {}
-    return {str(k): str(v) for k, v in owned.items()} if isinstance(owned, dict) else {}
+def _holdings(svc: Any) -> Holdings:
+    ports = [(p.port, str(p.protocol or "TCP")) for p in svc.spec.ports or []]
+    return Holdings.read(svc.metadata.annotations or {}, ports)
 
 
-def _conflict(svc: Any, owner: str, ports: set[int]) -> PortTakenError | None:
-    owned = _owned(svc)
-    for port in sorted(ports):
-        holder = owned.get(str(port))
-        if holder is not None and holder != owner:
-            return PortTakenError(port, holder)
-    unmanaged = {p.port for p in svc.spec.ports or [] if str(p.port) not in owned}
-    for port in sorted(ports & unmanaged):
-        return PortTakenError(port, f"(the Service's own port {port})")
-    return None
+async def holdings(namespace: str, service: str) -> Holdings:
+    """The port and hostname claims written on the Service, and its own ports.
 
-
-async def port_holders(namespace: str, service: str) -> dict[int, str]:
-    """Who holds which port on the Service: the annotation's owners and "" for its own ports.
-
-    The annotation outlives the relay process, so it decides ownership after a relay restart
+    The annotations outlive the relay process, so they decide ownership after a relay restart
     (when the relay itself remembers nothing and would hand a port to whoever asks first).
     """
-    svc = await _read_service(namespace, service)
-    owned = _owned(svc)
-    holders = {p.port: "" for p in svc.spec.ports or [] if str(p.port) not in owned}
-    holders.update({int(p): o for p, o in owned.items()})
-    return holders
+    return _holdings(await _read_service(namespace, service))
 
 
-async def check_service_ports(namespace: str, service: str, owner: str, ports: set[int]) -> None:
-    """Raise PortTakenError if another owner (or the Service itself) holds one of `ports`."""
-    error = _conflict(await _read_service(namespace, service), owner, ports)
+async def check_claims(namespace: str, service: str, owner: str, claims: Claims) -> None:
+    """Raise ClaimConflictError if another owner (or the Service itself) holds a claim."""
+    error = _holdings(await _read_service(namespace, service)).conflict(owner, claims)
     if error is not None:
         raise error
 
 
-async def sync_service_ports(
-    namespace: str, service: str, owner: str, ports: set[int]
-) -> str | None:
-    """Make `owner`'s ports on the Service exactly `ports`; return the public address if known.
+async def sync_claims(namespace: str, service: str, owner: str, claims: Claims) -> str | None:
+    """Make `owner`'s claims and ports on the Service exactly `claims`; return the public
+    address if known.
 
     Optimistic concurrency: read, modify, replace with the read resourceVersion; retry on 409.
     """
     for _ in range(10):
         svc = await _read_service(namespace, service)
-        annotations = dict(svc.metadata.annotations or {})
-        owned = _owned(svc)
-        error = _conflict(svc, owner, ports)
+        before = _holdings(svc)
+        error = before.conflict(owner, claims)
         if error is not None:
             raise error
-        mine_before = {int(p) for p, o in owned.items() if o == owner}
-        wanted_owned = {p: o for p, o in owned.items() if o != owner}
-        wanted_owned.update({str(p): owner for p in ports})
-        kept = [p for p in svc.spec.ports or [] if p.port not in mine_before - ports]
-        present = {p.port for p in kept}
-        kept += [
-            client.V1ServicePort(name=f"p{port}", port=port, target_port=port, protocol="TCP")
-            for port in sorted(ports - present)
-        ]
-        if wanted_owned != owned or len(kept) != len(svc.spec.ports or []) or ports - present:
-            annotations[PORTS_ANNOTATION] = json.dumps(wanted_owned, sort_keys=True)
-            svc.metadata.annotations = annotations
-            svc.spec.ports = kept
-            try:
-                svc = await call(core().replace_namespaced_service, service, namespace, svc)
-            except ApiException as exc:
-                if exc.status == 409:
-                    continue
-                raise
+        after = before.claim(owner, claims)
+        if await _write(namespace, service, svc, before, after):
+            continue  # someone else changed the Service first: read it again
         ingress = (
             (svc.status.load_balancer.ingress or [])
             if svc.status and svc.status.load_balancer
@@ -302,28 +258,45 @@ async def sync_service_ports(
     raise RuntimeError(f"Service {namespace}/{service} kept changing; giving up for now")
 
 
-async def remove_service_ports(namespace: str, service: str, owner: str) -> None:
+async def remove_claims(namespace: str, service: str, owner: str) -> None:
     for _ in range(10):
         try:
             svc = await _read_service(namespace, service)
         except ServiceNotFoundError:
             return
-        annotations = dict(svc.metadata.annotations or {})
-        owned = _owned(svc)
-        mine = {int(p) for p, o in owned.items() if o == owner}
-        if not mine:
+        before = _holdings(svc)
+        if not await _write(namespace, service, svc, before, before.release(owner)):
             return
-        annotations[PORTS_ANNOTATION] = json.dumps(
-            {p: o for p, o in owned.items() if o != owner}, sort_keys=True
+
+
+async def _write(namespace: str, service: str, svc: Any, before: Holdings, after: Holdings) -> bool:
+    """Write `after`'s annotations and ports over `before`'s; True if the Service changed
+    under us (409) and the caller must read it again. Nothing is written if nothing changes."""
+    dropped = before.managed() - after.managed()
+    kept = [p for p in svc.spec.ports or [] if (p.port, str(p.protocol or "TCP")) not in dropped]
+    present = {(p.port, str(p.protocol or "TCP")) for p in kept}
+    added = sorted(after.managed() - present)
+    kept += [
+        client.V1ServicePort(
+            name=f"p{port}" if protocol == "TCP" else f"p{port}-{protocol.lower()}",
+            port=port,
+            target_port=port,
+            protocol=protocol,
         )
-        svc.metadata.annotations = annotations
-        remaining = [p for p in svc.spec.ports or [] if p.port not in mine]
-        if not remaining:  # a Service needs a port; the chart's agent port is always there
-            return
-        svc.spec.ports = remaining
-        try:
-            await call(core().replace_namespaced_service, service, namespace, svc)
-            return
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
+        for port, protocol in added
+    ]
+    annotations = dict(svc.metadata.annotations or {})
+    wanted = after.annotate(annotations)
+    if wanted == annotations and not dropped and not added:
+        return False
+    if not kept:  # a Service needs a port; the chart's agent port is always there
+        return False
+    svc.metadata.annotations = wanted
+    svc.spec.ports = kept
+    try:
+        await call(core().replace_namespaced_service, service, namespace, svc)
+    except ApiException as exc:
+        if exc.status == 409:
+            return True
+        raise
+    return False
