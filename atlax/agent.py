@@ -15,6 +15,7 @@ import socket
 import ssl
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv6Address
+from typing import cast
 
 import anyio
 import anyio.abc
@@ -27,9 +28,9 @@ from proxyprotocol.result import (
 from proxyprotocol.v2 import ProxyProtocolV2
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from .config import AgentSettings, HostPort
+from .config import AgentSettings, HostPort, ServiceTarget
 from .logs import describe
-from .mux import MuxSession, MuxStream, TunnelClosedError
+from .mux import DatagramFlow, MuxSession, MuxStream, TunnelClosedError
 from .protocol import (
     ALPN,
     ConnectionEnd,
@@ -45,7 +46,11 @@ from .tls import TLSConfigError, agent_context, file_fingerprint
 
 log = logging.getLogger("atlax.agent")
 
-TUNNEL_SETTINGS = Settings(initial_window=1 << 20, max_frame_size=256 * 1024, max_streams=16384)
+TUNNEL_SETTINGS = Settings(
+    initial_window=1 << 20, max_frame_size=256 * 1024, max_streams=16384, datagrams=True
+)
+# A datagram for a UDP service is dropped rather than queued once its socket holds this much.
+SOCKET_BACKLOG = 256 * 1024
 # A tunnel that stayed up this long counts as healthy: the next reconnect starts a fresh backoff.
 HEALTHY_AFTER = 10.0
 CERT_CHECK_INTERVAL = 30.0
@@ -65,7 +70,7 @@ class Agent:
     def __init__(
         self,
         settings: AgentSettings,
-        services: Mapping[str, HostPort],
+        services: Mapping[str, HostPort | ServiceTarget],  # a HostPort is a TCP service
         *,
         cert_check_interval: float = CERT_CHECK_INTERVAL,
     ) -> None:
@@ -121,6 +126,7 @@ class Agent:
             settings=TUNNEL_SETTINGS,
             keepalive=KeepaliveConfig(s.keepalive_interval, s.keepalive_timeout),
             handler=self._serve_stream,
+            flow_handler=self._serve_flow,
             name="tunnel",
         )
         loop = asyncio.get_running_loop()
@@ -195,8 +201,8 @@ class Agent:
 
     async def _serve_stream(self, stream: MuxStream) -> None:
         target = self.services.get(stream.service)
-        if target is None:
-            log.warning("relay asked for unknown service %r; refusing", stream.service)
+        if target is None or _is_udp(target):
+            log.warning("relay asked for unknown TCP service %r; refusing", stream.service)
             stream.reset(ErrorCode.UNKNOWN_SERVICE)
             return
         if stream.proxy_protocol == 2:
@@ -211,6 +217,58 @@ class Agent:
                 "service %r at %s: connect failed: %s", stream.service, target, describe(exc)
             )
             stream.reset(ErrorCode.CONNECT_FAILED)
+
+    async def _serve_flow(self, flow: DatagramFlow) -> None:
+        """A UDP flow: its own socket, connected to the service, so replies find the flow."""
+        target = self.services.get(flow.service)
+        if target is None or not _is_udp(target):
+            log.warning("relay asked for unknown UDP service %r; refusing", flow.service)
+            flow.close(ErrorCode.UNKNOWN_SERVICE)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            transport, service = await loop.create_datagram_endpoint(
+                lambda: _ServiceSocket(flow), remote_addr=(target.host, target.port)
+            )
+        except OSError as exc:
+            log.warning("service %r at %s: %s", flow.service, target, describe(exc))
+            flow.close(ErrorCode.CONNECT_FAILED)
+            return
+        flow.attach(service.deliver, transport.close)
+
+
+class _ServiceSocket(asyncio.DatagramProtocol):
+    """A UDP flow's socket toward its service: datagrams both ways, dropped rather than held."""
+
+    def __init__(self, flow: DatagramFlow) -> None:
+        self._flow = flow
+        self._transport: asyncio.DatagramTransport | None = None
+        self.dropped = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def deliver(self, datagram: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if cast(asyncio.WriteTransport, transport).get_write_buffer_size() > SOCKET_BACKLOG:
+            self.dropped += 1
+            return
+        transport.sendto(datagram)
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        self._flow.send(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ECONNREFUSED: an ICMP port unreachable, the service is down. The relay forgets the
+        # flow; the client's next datagram opens a new one.
+        log.debug("UDP service %r: %s", self._flow.service, describe(exc))
+        self._flow.close(ErrorCode.CONNECT_FAILED)
+
+
+def _is_udp(target: HostPort | ServiceTarget) -> bool:
+    return isinstance(target, ServiceTarget) and target.protocol == "udp"
 
 
 async def dial(host: str, port: int, *, redial_after: float) -> socket.socket:

@@ -94,7 +94,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     config = _agent_config(args)
     if not config.services:
         raise UsageError(
-            "the agent exposes no service: give --service NAME=HOST:PORT or [services]"
+            "the agent exposes no service: give --service NAME=HOST:PORT[/udp] or [services]"
         )
     # Unusable files are a mistake to report now, not a network fault to retry forever.
     agent_context(config.agent.ca, config.agent.cert, config.agent.key)
@@ -276,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--service",
         action="append",
         default=[],
-        metavar="NAME=HOST:PORT",
-        help="expose a local service under NAME (repeatable)",
+        metavar="NAME=HOST:PORT[/udp]",
+        help="expose a local service under NAME, a UDP one with /udp (repeatable)",
     )
     agent.add_argument(
         "--server-name", help="relay host name to verify (default: the host of --relay)"

@@ -72,6 +72,38 @@ def _host_port(value: Any) -> Any:
 
 
 HostPortField = Annotated[HostPort, BeforeValidator(_host_port)]
+
+
+class ServiceTarget(NamedTuple):
+    """Where the agent sends a service's streams: HOST:PORT, or HOST:PORT/udp for UDP flows."""
+
+    host: str
+    port: int
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+    def __str__(self) -> str:
+        address = str(HostPort(self.host, self.port))
+        return address if self.protocol == "tcp" else f"{address}/{self.protocol}"
+
+
+def parse_service_target(text: str) -> ServiceTarget:
+    """'127.0.0.1:53/udp', '[::1]:8080', 'nas.lan:445/tcp'."""
+    address, slash, protocol = text.strip().rpartition("/")
+    if not slash:
+        address, protocol = text, "tcp"
+    if protocol not in ("tcp", "udp"):
+        raise ValueError(f"{text!r}: the protocol after '/' must be tcp or udp")
+    host, port = parse_host_port(address)
+    return ServiceTarget(host, port, "udp" if protocol == "udp" else "tcp")
+
+
+def _service_target(value: Any) -> Any:
+    if isinstance(value, str):
+        return parse_service_target(value)
+    return value
+
+
+ServiceTargetField = Annotated[ServiceTarget, BeforeValidator(_service_target)]
 AgentName = Annotated[str, AfterValidator(names.check_agent_name)]
 ServiceName = Annotated[str, AfterValidator(names.check_service_name)]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -225,6 +257,7 @@ class RelaySettings(_Keepalive):
     metrics: HostPortField | None = None
     handshake_timeout: float = Field(default=10.0, gt=0)
     route_timeout: float = Field(default=5.0, gt=0)  # for a shared port's ClientHello or Host
+    udp_idle_timeout: float = Field(default=60.0, gt=0)  # a UDP flow without datagrams ends
     max_agents: int = Field(default=1000, ge=1)
     max_streams_per_agent: int = Field(default=4096, ge=1)
     max_connections_per_port: int = Field(default=1024, ge=1)
@@ -268,11 +301,11 @@ class AgentSettings(_Keepalive):
 
 class AgentConfig(_Model):
     agent: AgentSettings
-    services: dict[str, HostPortField] = Field(default_factory=dict)
+    services: dict[str, ServiceTargetField] = Field(default_factory=dict)
 
     @field_validator("services")
     @classmethod
-    def _names(cls, value: dict[str, HostPort]) -> dict[str, HostPort]:
+    def _names(cls, value: dict[str, ServiceTarget]) -> dict[str, ServiceTarget]:
         for name in value:
             names.check_service_name(name)
         return value
@@ -353,14 +386,14 @@ def parse_agent_spec(data: object, *, source: str) -> AgentSpec:
         raise _one_line(source, exc) from None
 
 
-def parse_service_mapping(text: str) -> tuple[str, HostPort]:
-    """'web=127.0.0.1:8080' for the agent's --service flag."""
+def parse_service_mapping(text: str) -> tuple[str, ServiceTarget]:
+    """'web=127.0.0.1:8080' or 'dns=127.0.0.1:53/udp' for the agent's --service flag."""
     name, sep, target = text.partition("=")
     if not sep:
-        raise ValueError(f"--service {text!r}: expected NAME=HOST:PORT")
+        raise ValueError(f"--service {text!r}: expected NAME=HOST:PORT or NAME=HOST:PORT/udp")
     if not names.is_service_name(name):
         raise ValueError(f"--service {text!r}: NAME must be {names.SERVICE_RULE}")
     try:
-        return name, parse_host_port(target)
+        return name, parse_service_target(target)
     except ValueError as exc:
         raise ValueError(f"--service {text!r}: {exc}") from None

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from .http import Request, Response, serve_http_connection
 from .net import accept_loop
 from .protocol import ConnectionEnd
-from .relay import ByteCounter, HandshakeFailure, Refusal, RelayObserver
+from .relay import ByteCounter, DatagramDrop, HandshakeFailure, Refusal, RelayObserver
 
 
 class RelayMetrics(RelayObserver):
@@ -48,6 +48,12 @@ class RelayMetrics(RelayObserver):
         self.refused = Counter(
             "atlax_connections_refused",
             "Public client connections closed without reaching an agent, by port and reason.",
+            ["port", "reason"],
+            registry=r,
+        )
+        self.datagrams_dropped = Counter(
+            "atlax_udp_datagrams_dropped",
+            "Datagrams of admitted UDP flows dropped at the relay, by port and reason.",
             ["port", "reason"],
             registry=r,
         )
@@ -94,6 +100,9 @@ class RelayMetrics(RelayObserver):
 
     def connection_refused(self, port: int, reason: Refusal) -> None:
         self.refused.labels(str(port), reason.value).inc()
+
+    def datagram_dropped(self, port: int, reason: DatagramDrop) -> None:
+        self.datagrams_dropped.labels(str(port), reason.value).inc()
 
     def tunnel_rtt(self, agent: str, seconds: float) -> None:
         self.rtt.labels(agent).observe(seconds)

@@ -42,6 +42,7 @@ from ..protocol import (
     StreamReset,
     WindowUpdated,
 )
+from .datagram import DatagramFlow, FlowState
 from .scheduler import ReadScheduler
 from .stream import MuxStream, StreamState
 
@@ -51,6 +52,7 @@ log = logging.getLogger("atlax.mux")
 TUNNEL_HIGH_WATER = 2 * 1024 * 1024
 
 StreamHandler = Callable[[MuxStream], Awaitable[None]]
+FlowHandler = Callable[[DatagramFlow], Awaitable[None]]
 _CLOSED = ConnectionState.CLOSED
 _LOGGED = frozenset({EndReason.PROTOCOL_ERROR, EndReason.KEEPALIVE_TIMEOUT})
 
@@ -84,6 +86,7 @@ class MuxSession(asyncio.BufferedProtocol):
         settings: Settings | None = None,
         keepalive: KeepaliveConfig | None = None,
         handler: StreamHandler | None = None,
+        flow_handler: FlowHandler | None = None,
         name: str = "tunnel",
         clock: Callable[[], float] = time.monotonic,
         loop: TimerLoop | None = None,
@@ -95,8 +98,10 @@ class MuxSession(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.on_pong: Callable[[float], None] | None = None  # tunnel RTT from keepalive PINGs
         self._handler = handler
+        self._flow_handler = flow_handler
         self._streams: dict[int, MuxStream] = {}
-        self._unhandled: list[MuxStream] = []  # accepted before run() started
+        self._flows: dict[int, DatagramFlow] = {}  # UDP flows (datagram streams)
+        self._unhandled: list[MuxStream | DatagramFlow] = []  # accepted before run() started
         self._loop = loop
         self._timer: TimerHandle | None = None
         self._timer_at = 0.0
@@ -117,7 +122,7 @@ class MuxSession(asyncio.BufferedProtocol):
 
     @property
     def active_streams(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + len(self._flows)
 
     @property
     def streams(self) -> Collection[MuxStream]:
@@ -159,6 +164,22 @@ class MuxSession(asyncio.BufferedProtocol):
         self._streams[stream_id] = stream
         self.flush()
         return stream
+
+    def open_flow_now(self, service: str, origin: Origin | None = None) -> DatagramFlow:
+        """OPEN a datagram stream for a UDP flow (the peer must have announced DATAGRAMS)."""
+        if not self.conn.can_open_stream:
+            raise TunnelClosedError(f"{self.name} cannot open streams now")
+        stream_id = self.conn.open_stream(service, origin, datagram=True)
+        flow = DatagramFlow(self, stream_id, service, None)
+        self._flows[stream_id] = flow
+        self.flush()
+        return flow
+
+    @property
+    def datagrams(self) -> bool:
+        """The peer accepts datagram streams (it announced DATAGRAMS)."""
+        peer = self.conn.peer_settings
+        return peer is not None and peer.datagrams
 
     def close(self, error_code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
         """GOAWAY. NO_ERROR lets open streams finish; anything else ends the session now."""
@@ -208,6 +229,14 @@ class MuxSession(asyncio.BufferedProtocol):
         self.scheduler.forget(stream)
         if reset is not None:
             self.conn.reset_stream(stream.stream_id, reset)
+        self._sync()
+
+    def release_flow(self, flow: DatagramFlow, reset: int | None) -> None:
+        """`flow` is done with the tunnel; `reset`: the code to RESET it with, if still open."""
+        if self._flows.pop(flow.stream_id, None) is not flow:
+            return
+        if reset is not None:
+            self.conn.reset_stream(flow.stream_id, reset)
         self._sync()
 
     # -- asyncio Protocol: the tunnel's transport --------------------------------------------
@@ -276,6 +305,10 @@ class MuxSession(asyncio.BufferedProtocol):
         self._streams.clear()
         for stream in streams:
             stream._close(ErrorCode.CANCEL)  # the tunnel is gone: RST to the sockets
+        flows = list(self._flows.values())
+        self._flows.clear()
+        for flow in flows:
+            flow._close(ErrorCode.CANCEL)
         end = self.conn.end
         if end is not None and end.reason in _LOGGED:
             log.warning("%s: %s", self.name, end)
@@ -311,24 +344,24 @@ class MuxSession(asyncio.BufferedProtocol):
         self._arm_timer()
 
     def _dispatch(self, events: list[Event]) -> None:
-        streams = self._streams
+        streams, flows = self._streams, self._flows
         for event in events:
             if isinstance(event, DataReceived):
-                stream = streams.get(event.stream_id)
+                stream = streams.get(event.stream_id) or flows.get(event.stream_id)
                 if stream is not None:
                     stream._feed(event.data)
             elif isinstance(event, WindowUpdated):
-                stream = streams.get(event.stream_id)
+                stream = streams.get(event.stream_id) or flows.get(event.stream_id)
                 if stream is not None:
                     stream._on_window()
             elif isinstance(event, StreamOpened):
                 self._accept(event)
             elif isinstance(event, StreamEnded):
-                stream = streams.get(event.stream_id)
+                stream = streams.get(event.stream_id) or flows.get(event.stream_id)
                 if stream is not None:
                     stream._feed_eof()
             elif isinstance(event, StreamReset):
-                stream = streams.get(event.stream_id)
+                stream = streams.get(event.stream_id) or flows.get(event.stream_id)
                 if stream is not None:
                     stream._close(ErrorCode.CANCEL)  # the core has forgotten it: no RESET
             elif isinstance(event, SettingsReceived):
@@ -340,23 +373,45 @@ class MuxSession(asyncio.BufferedProtocol):
             # GoAwayReceived, ConnectionTerminated: the core's state says what follows.
 
     def _accept(self, event: StreamOpened) -> None:
-        if self._handler is None or self.conn.state is not ConnectionState.OPEN:
+        if self.conn.state is not ConnectionState.OPEN:
             self.conn.reset_stream(event.stream_id, ErrorCode.REFUSED_STREAM)
             return
-        stream = MuxStream(self, event.stream_id, event.service, event.origin, event.proxy_protocol)
-        self._streams[event.stream_id] = stream
+        stream: MuxStream | DatagramFlow
+        if event.datagram:
+            if self._flow_handler is None:
+                self.conn.reset_stream(event.stream_id, ErrorCode.UNKNOWN_SERVICE)
+                return
+            stream = DatagramFlow(self, event.stream_id, event.service, event.origin)
+            self._flows[event.stream_id] = stream
+        else:
+            if self._handler is None:
+                self.conn.reset_stream(event.stream_id, ErrorCode.REFUSED_STREAM)
+                return
+            stream = MuxStream(
+                self, event.stream_id, event.service, event.origin, event.proxy_protocol
+            )
+            self._streams[event.stream_id] = stream
         if self._tg is None:
             self._unhandled.append(stream)
         else:
             self._tg.start_soon(self._run_handler, stream)
 
-    async def _run_handler(self, stream: MuxStream) -> None:
-        assert self._handler is not None
+    async def _run_handler(self, stream: MuxStream | DatagramFlow) -> None:
         try:
-            await self._handler(stream)
+            if isinstance(stream, DatagramFlow):
+                assert self._flow_handler is not None
+                await self._flow_handler(stream)
+            else:
+                assert self._handler is not None
+                await self._handler(stream)
         except Exception:
             log.exception("%s: stream %d handler failed", self.name, stream.stream_id)
-            stream.reset(ErrorCode.INTERNAL_ERROR)
+            stream._close(ErrorCode.INTERNAL_ERROR)
         finally:
-            if stream.state is StreamState.CONNECTING:  # neither joined to a socket nor reset
-                stream.reset(ErrorCode.CANCEL)
+            waiting = (
+                stream.state is FlowState.WAITING
+                if isinstance(stream, DatagramFlow)
+                else stream.state is StreamState.CONNECTING
+            )
+            if waiting:  # neither joined to a socket nor reset
+                stream._close(ErrorCode.CANCEL)

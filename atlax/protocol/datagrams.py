@@ -103,3 +103,8 @@ class DatagramQueue:
             credit -= len(record)
             taken.append(record)
         return b"".join(taken)
+
+    def clear(self) -> None:
+        """The flow ended: what is queued is dropped (and counted)."""
+        self.dropped += len(self._queue)
+        self._queue.clear()

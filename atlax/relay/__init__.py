@@ -1,7 +1,9 @@
-"""The relay: agents dial in over mutual TLS, public TCP ports are joined to their streams.
+"""The relay: agents dial in over mutual TLS, public ports are joined to their streams.
 
-registry.py   agents, port bindings, apply/remove, snapshots
-ports.py      public ports: accept, the refusal policy, join a client to a stream
+registry.py   agents, public ports and the services that share them, apply/remove, snapshots
+ports.py      public TCP ports: accept, the refusal policy, join a client to a stream
+routing.py    ports shared by hostname: read the ClientHello or Host, pick the service
+udp.py        public UDP ports: a flow per client address, over a datagram stream
 admission.py  the agent port: handshake, identity check, replacement
 server.py     `Relay`: serve, TLS reload, shutdown
 observer.py   what the relay reports (the metrics implement it)
@@ -12,11 +14,13 @@ from .observer import ByteCounter, RelayObserver
 from .ports import Refusal
 from .registry import AgentRegistry, PortConflictError, PortNotPermittedError
 from .server import Relay
+from .udp import DatagramDrop
 
 __all__ = [
     "TUNNEL_SETTINGS",
     "AgentRegistry",
     "ByteCounter",
+    "DatagramDrop",
     "HandshakeFailure",
     "PortConflictError",
     "PortNotPermittedError",

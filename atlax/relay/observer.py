@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ..protocol import ConnectionEnd
     from .admission import HandshakeFailure
     from .ports import Refusal
+    from .udp import DatagramDrop
 
 
 class ByteCounter:
@@ -51,6 +52,9 @@ class RelayObserver:
 
     def connection_refused(self, port: int, reason: Refusal) -> None:
         """A public connection on `port` was closed without reaching an agent."""
+
+    def datagram_dropped(self, port: int, reason: DatagramDrop) -> None:
+        """A datagram of an admitted UDP flow on `port` was dropped."""
 
     def tunnel_rtt(self, agent: str, seconds: float) -> None:
         """A keepalive PING through `agent`'s tunnel came back after `seconds`."""

@@ -20,7 +20,7 @@ import anyio.abc
 
 from ..config import RelaySettings
 from ..logs import RateLimitedLog
-from ..mux import MuxStream, StreamObserver, TunnelClosedError
+from ..mux import DatagramFlow, MuxStream, StreamObserver, TunnelClosedError
 from ..net import accept_sockets, close_with_reset, origin_of, set_keepalive
 from ..protocol import Origin
 from .observer import RelayObserver
@@ -41,6 +41,7 @@ class Refusal(StrEnum):
         "that source address is at max_connections_per_source on this port",
     )
     AGENT_LIMIT = "agent_limit", "the agent is at its max_streams limit"
+    NO_DATAGRAMS = "agent_no_udp", "its agent does not carry UDP (an agent from before UDP)"
     # A port shared by hostname (routing.py): what the first bytes said, or did not.
     NOT_TLS = "not_tls", "not a TLS ClientHello"
     NOT_HTTP = "not_http", "not an HTTP request"
@@ -102,7 +103,12 @@ class PublicPorts:
     def serve(self, public: PublicPort) -> None:
         """Start serving a newly opened port (until `public.close()`)."""
         assert self.task_group is not None, "ports are opened only while the relay serves"
-        self.task_group.start_soon(self._accept, public)
+        if public.key.protocol == "udp":
+            from .udp import UdpPort  # udp.py builds on this module, as routing.py does
+
+            self.task_group.start_soon(UdpPort(self, public).serve)
+        else:
+            self.task_group.start_soon(self._accept, public)
 
     async def _accept(self, public: PublicPort) -> None:
         async def handle(client: socket.socket) -> None:
@@ -148,7 +154,7 @@ class PublicPorts:
         except TunnelClosedError:
             return None
         source = origin.source if origin is not None else None
-        stream.observer = _PublicConnection(self.observer, binding, state, stream, source)
+        stream.observer = PublicConnection(self.observer, binding, state, stream, source)
         return stream
 
     async def _join(self, binding: PortBinding, client: socket.socket) -> None:
@@ -167,9 +173,9 @@ class PublicPorts:
             close_with_reset(client)
 
 
-class _PublicConnection(StreamObserver):
-    """Accounting for one public connection, counted in here and counted out in `closed`:
-    bytes, the agent's stream counters, the port's connections per source."""
+class PublicConnection(StreamObserver):
+    """Accounting for one public connection (or UDP flow), counted in here and counted out in
+    `closed`: bytes, the agent's stream counters, the port's connections per source."""
 
     __slots__ = ("_binding", "_bytes", "_observer", "_service", "_source", "_state", "_stream")
 
@@ -178,7 +184,7 @@ class _PublicConnection(StreamObserver):
         observer: RelayObserver,
         binding: PortBinding,
         state: AgentState,
-        stream: MuxStream,
+        stream: MuxStream | DatagramFlow,
         source: Any,
     ) -> None:
         self._observer = observer

@@ -21,7 +21,7 @@ import anyio
 from ..config import AgentSpec, PortKey, ServiceSpec
 from ..isotime import iso_utc
 from ..logs import describe
-from ..mux import MuxSession, MuxStream
+from ..mux import DatagramFlow, MuxSession, MuxStream
 from ..net import close_listener, listen_sockets
 from ..protocol import ErrorCode
 from ..sniff import HostnameTable
@@ -99,7 +99,7 @@ class PortBinding:
 
     state: AgentState
     service: ServiceSpec
-    streams: set[MuxStream] = field(default_factory=set)
+    streams: set[MuxStream | DatagramFlow] = field(default_factory=set)
     connections: int = 0
     by_source: dict[Any, int] = field(default_factory=dict)  # open connections per client IP
 
