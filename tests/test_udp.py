@@ -306,3 +306,17 @@ async def test_an_agent_from_before_udp_gets_no_flows(
                 10,
             )
         assert streams_total(relay) == 0
+
+
+def test_drop_labels_are_the_documented_ones() -> None:
+    from atlax.relay import DatagramDrop
+
+    row = next(
+        line
+        for line in (Path(__file__).parent.parent / "docs" / "metrics.md").read_text().splitlines()
+        if line.startswith("| `atlax_udp_datagrams_dropped_total`")
+    )
+    documented = row.split("|")[4].split(":", 1)[1].split(".")[0]
+    assert [d.value for d in DatagramDrop] == [
+        label for label in ("tunnel_full", "socket_full") if f"`{label}`" in documented
+    ]
