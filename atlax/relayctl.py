@@ -43,8 +43,9 @@ def register(sub: Any) -> None:
         "--service",
         action="append",
         default=[],
-        metavar="NAME=PORT",
-        help="service NAME on public PORT (repeatable)",
+        metavar="NAME=PORT[/udp|/tls=HOSTS|/http=HOSTS]",
+        help="service NAME on public PORT (repeatable): a UDP port with /udp; a port shared by "
+        "hostname with /tls=nas.example.com,*.home.example.com (TLS SNI) or /http=... (Host)",
     )
     put.add_argument(
         "--json", dest="json_file", help="the request body from a JSON file ('-' = stdin)"
@@ -59,10 +60,27 @@ def register(sub: Any) -> None:
 def _services(items: list[str]) -> list[dict[str, Any]]:
     services = []
     for item in items:
-        name, sep, port = item.partition("=")
-        if not sep or not name or not port.isdigit():
-            raise ValueError(f"--service {item!r}: expected NAME=PORT, e.g. web=8080")
-        services.append({"name": name, "port": int(port)})
+        name, sep, rest = item.partition("=")
+        port, _, kind = rest.partition("/")
+        kind, _, hosts = kind.partition("=")
+        hostnames = [h for h in hosts.split(",") if h]
+        if (
+            not sep
+            or not name
+            or not port.isdigit()
+            or kind not in ("", "tcp", "udp", "tls", "http")
+            or (kind in ("tls", "http")) != bool(hostnames)
+        ):
+            raise ValueError(
+                f"--service {item!r}: expected NAME=PORT, NAME=PORT/udp or "
+                "NAME=PORT/tls=HOST,HOST (or /http=...), e.g. web=8080"
+            )
+        service: dict[str, Any] = {"name": name, "port": int(port)}
+        if kind == "udp":
+            service["protocol"] = "udp"
+        elif hostnames:
+            service.update(route=kind, hostnames=hostnames)
+        services.append(service)
     return services
 
 
@@ -105,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 def _print_table(agents: list[dict[str, Any]]) -> None:
     rows = [("NAME", "CONNECTED", "PORTS", "STREAMS", "BYTES IN", "BYTES OUT", "LAST HEARTBEAT")]
     for a in agents:
-        ports = ",".join(f"{s['name']}:{s['port']}" for s in a.get("services", []))
+        ports = ",".join(_port_text(s) for s in a.get("services", []))
         rows.append(
             (
                 a["name"],
@@ -120,3 +138,12 @@ def _print_table(agents: list[dict[str, Any]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _port_text(service: dict[str, Any]) -> str:
+    text = f"{service['name']}:{service['port']}"
+    if service.get("protocol") == "udp":
+        return text + "/udp"
+    if service.get("route"):
+        return text + f"/{service['route']}={'+'.join(service.get('hostnames', []))}"
+    return text

@@ -227,6 +227,30 @@ def test_ca_and_certificates_from_the_command_line(tmp_path: Path) -> None:
         ),
         (["relayctl", "--socket", "no.sock", "list"], "cannot reach control socket no.sock"),
         (["relayctl", "--socket", "no.sock", "put", "x", "--service", "web"], "expected NAME=PORT"),
+        (
+            ["relayctl", "--socket", "no.sock", "put", "x", "--service", "web=443/tls"],
+            "expected NAME=PORT",
+        ),
+        (
+            ["relayctl", "--socket", "no.sock", "put", "x", "--service", "web=53/sctp"],
+            "expected NAME=PORT",
+        ),
+        (
+            [
+                "agent",
+                "--relay",
+                "r:1",
+                "--ca",
+                "c",
+                "--cert",
+                "c",
+                "--key",
+                "k",
+                "--service",
+                "dns=127.0.0.1:53/sctp",
+            ],
+            "the protocol after '/' must be tcp or udp",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], fragment: str) -> None:
@@ -369,6 +393,21 @@ def test_relayctl_and_curl_against_a_running_relay(pki: Pki, tmp_path: Path) -> 
             assert '"name": "home-nas"' in curl.stdout
         conflict = run(*ctl, "put", "office", "--service", f"files={web}")
         assert_one_line_error(conflict, f"HTTP 409: port {web} is already used by agent 'home-nas'")
+        # A port shared by hostname and a UDP port; a later claim on a name names its owner.
+        shared, dns = free_port(), free_port()
+        put = run(
+            *ctl, "put", "office", "--service", f"wiki={shared}/tls=wiki.example.com,*.wiki.example.com",
+            "--service", f"dns={dns}/udp",
+        )  # fmt: skip
+        assert put.returncode == 0, put.stderr
+        listing = run(*ctl, "list").stdout
+        assert f"wiki:{shared}/tls=wiki.example.com+*.wiki.example.com" in listing
+        assert f"dns:{dns}/udp" in listing
+        taken = run(*ctl, "put", "third", "--service", f"x={shared}/tls=wiki.example.com")
+        assert_one_line_error(
+            taken,
+            f"HTTP 409: hostname 'wiki.example.com' on port {shared} is already used by agent 'office'",
+        )
         assert run(*ctl, "delete", "home-nas").returncode == 0
         assert_one_line_error(run(*ctl, "get", "home-nas"), "HTTP 404")
     finally:

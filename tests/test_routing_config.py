@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,11 @@ from atlax.config import (
     AgentSpec,
     ConfigError,
     ServiceSpec,
+    ServiceTarget,
+    load_agent_config,
     load_relay_config,
     parse_agent_spec,
+    parse_service_mapping,
     sharing_conflict,
 )
 
@@ -131,3 +135,34 @@ services = [{ name = "nas", port = 443, route = "tls", hostnames = ["NAS.example
         "relay.toml: hostname 'nas.example.com' on port 443/tcp is claimed by agent 'home' "
         "(service 'nas') and agent 'office' (service 'nas')"
     )
+
+
+def test_agent_toml_and_flag_name_udp_services(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        '[agent]\nrelay = "relay.example.com:7443"\nca = "ca.crt"\ncert = "a.crt"\nkey = "a.key"\n'
+        '[services]\nweb = "127.0.0.1:8080"\ndns = "127.0.0.1:53/udp"\nv6 = "[::1]:5353/udp"\n'
+    )
+    services = load_agent_config(config).services
+    assert services == {
+        "web": ServiceTarget("127.0.0.1", 8080),
+        "dns": ServiceTarget("127.0.0.1", 53, "udp"),
+        "v6": ServiceTarget("::1", 5353, "udp"),
+    }
+    assert [str(t) for t in services.values()] == [
+        "127.0.0.1:8080",
+        "127.0.0.1:53/udp",
+        "[::1]:5353/udp",
+    ]
+    assert parse_service_mapping("dns=127.0.0.1:53/udp") == (
+        "dns",
+        ServiceTarget("127.0.0.1", 53, "udp"),
+    )
+    assert parse_service_mapping("web=nas.lan:80/tcp") == ("web", ServiceTarget("nas.lan", 80))
+    with pytest.raises(ValueError, match="the protocol after '/' must be tcp or udp"):
+        parse_service_mapping("dns=127.0.0.1:53/quic")
+    config.write_text(config.read_text().replace("53/udp", "53/dccp"))
+    with pytest.raises(
+        ConfigError, match=re.escape("services.dns: '127.0.0.1:53/dccp': the protocol")
+    ):
+        load_agent_config(config)
