@@ -19,16 +19,20 @@ from pathlib import Path
 from typing import Any
 
 from .harness import (
+    SNI_NAME,
     BenchError,
     Lab,
     Ports,
+    client_hello,
     connect_ms,
+    hello_connect_ms,
     idle_streams_rss,
     percentile,
     raise_fd_limit,
     rtt_samples,
     stalled_neighbour_ratio,
     throughput,
+    udp_rtt_samples,
 )
 
 # name: (unit, better) where better is "higher" or "lower"
@@ -39,6 +43,12 @@ METRICS: dict[str, tuple[str, str]] = {
     "rtt_p99_us": ("µs", "lower"),
     "connect_p50_ms": ("ms", "lower"),
     "connect_p99_ms": ("ms", "lower"),
+    "hello_connect_p50_ms": ("ms", "lower"),
+    "hello_connect_p99_ms": ("ms", "lower"),
+    "sni_connect_p50_ms": ("ms", "lower"),
+    "sni_connect_p99_ms": ("ms", "lower"),
+    "udp_rtt_p50_us": ("µs", "lower"),
+    "udp_rtt_p99_us": ("µs", "lower"),
     "idle_10k_rss_mb": ("MB", "lower"),
     "stalled_neighbour_ratio": ("ratio", "higher"),
 }
@@ -90,6 +100,25 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
         for path in order:
             p50, p99 = connect_ms(paths[path].echo, connect_n)
             results["connect_p50_ms"][path], results["connect_p99_ms"][path] = p50, p99
+        log(f"ClientHello to first byte x{connect_n}: dedicated ports, and Atlax's SNI port ...")
+        hello = client_hello(SNI_NAME)
+        for path in order:
+            p50, p99 = hello_connect_ms(paths[path].echo, hello, connect_n)
+            results["hello_connect_p50_ms"][path], results["hello_connect_p99_ms"][path] = p50, p99
+        sni = paths["atlax"].sni
+        assert sni is not None
+        p50, p99 = hello_connect_ms(sni, hello, connect_n)
+        results["sni_connect_p50_ms"]["atlax"], results["sni_connect_p99_ms"]["atlax"] = p50, p99
+        log(f"64-byte UDP datagram round trips x{rtt_n} in {ROUNDS} turns (ssh -R has no UDP) ...")
+        udp_samples: dict[str, list[float]] = {"atlax": [], "direct": []}
+        for _ in range(ROUNDS):
+            for path in udp_samples:
+                port = paths[path].udp
+                assert port is not None
+                udp_samples[path] += udp_rtt_samples(port, rtt_n // ROUNDS)
+        for path, values in udp_samples.items():
+            results["udp_rtt_p50_us"][path] = percentile(values, 50)
+            results["udp_rtt_p99_us"][path] = percentile(values, 99)
         log("one stream beside a stalled neighbour ...")
         source = paths["atlax"].source
         assert source is not None

@@ -44,6 +44,11 @@ class Ports:
     echo: int
     hold: int | None = None
     source: int | None = None
+    sni: int | None = None  # the echo behind a port shared by SNI (Atlax only)
+    udp: int | None = None  # a UDP echo (not through ssh -R, which carries only TCP)
+
+
+SNI_NAME = "echo.bench.example"
 
 
 class BenchError(Exception):
@@ -88,7 +93,7 @@ class Lab:
         if not line:
             raise BenchError("the benchmark service did not start")
         ports = json.loads(line)
-        return Ports(ports["sink"], ports["echo"], ports["hold"], ports["source"])
+        return Ports(ports["sink"], ports["echo"], ports["hold"], ports["source"], udp=ports["udp"])
 
     # -- Atlax ---------------------------------------------------------------------------------
 
@@ -110,11 +115,15 @@ class Lab:
         certs.write_pair(
             certs.issue_client_certificate(ca, "bench", timedelta(days=1)), pki, "bench"
         )
-        public = Ports(free_port(), free_port(), free_port(), free_port())
+        public = Ports(free_port(), free_port(), free_port(), free_port(), free_port(), free_port())
         agent_port, self.metrics_port = free_port(), free_port()
         services = ", ".join(
             f'{{ name = "{n}", port = {getattr(public, n)} }}'
             for n in ("sink", "echo", "hold", "source")
+        )
+        services += (
+            f', {{ name = "sni", port = {public.sni}, route = "tls", hostnames = ["{SNI_NAME}"] }}'
+            f', {{ name = "udp", port = {public.udp}, protocol = "udp" }}'
         )
         config = self.dir / "relay.toml"
         config.write_text(
@@ -156,6 +165,8 @@ class Lab:
         ]
         for name in ("sink", "echo", "hold", "source"):
             argv += ["--service", f"{name}=127.0.0.1:{getattr(service, name)}"]
+        argv += ["--service", f"sni=127.0.0.1:{service.echo}"]
+        argv += ["--service", f"udp=127.0.0.1:{service.udp}/udp"]
         self._spawn("agent", argv)
         self._wait_echo(public.echo, "the Atlax tunnel")
         return public
@@ -326,6 +337,55 @@ def connect_ms(port: int, count: int) -> tuple[float, float]:
                 raise BenchError("echo answered nothing")
             samples.append((time.perf_counter() - start) * 1e3)
     return percentile(samples, 50), percentile(samples, 99)
+
+
+def client_hello(server_name: str) -> bytes:
+    """The ClientHello Python's ssl sends for `server_name` (the bytes only; no handshake)."""
+    import ssl
+
+    context = ssl.create_default_context()
+    tls = context.wrap_bio(
+        ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname=server_name
+    )
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def hello_connect_ms(port: int, hello: bytes, count: int) -> tuple[float, float]:
+    """Connect, send a ClientHello, get its first byte back from the echo: p50, p99 (ms)."""
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(hello)
+            if sock.recv(1) != hello[:1]:
+                raise BenchError("the echo behind the shared port answered nothing")
+            samples.append((time.perf_counter() - start) * 1e3)
+    return percentile(samples, 50), percentile(samples, 99)
+
+
+def udp_rtt_samples(port: int, count: int) -> list[float]:
+    """Round trips (µs) of a 64-byte datagram through a UDP echo, from one client address; a
+    datagram lost (no answer within a second) is counted as one second."""
+    samples = []
+    message = b"d" * 64
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(1.0)
+        sock.connect(("127.0.0.1", port))
+        for _ in range(count):
+            start = time.perf_counter()
+            sock.send(message)
+            try:
+                while sock.recv(128) != message:
+                    pass
+            except TimeoutError:
+                pass
+            samples.append((time.perf_counter() - start) * 1e6)
+    return samples
 
 
 def percentile(samples: list[float], pct: int) -> float:

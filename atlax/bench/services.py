@@ -4,8 +4,9 @@
     echo    sends back what it receives
     hold    accepts and holds connections open (idle streams)
     source  sends forever (a neighbour whose reader stalls)
+    udp     a UDP echo: sends each datagram back to where it came from
 
-Prints one JSON line with the four ports, then serves until killed.
+Prints one JSON line with the five ports, then serves until killed.
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ class Hold(asyncio.Protocol):
     pass
 
 
+class UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(data, addr)
+
+
 class Source(asyncio.Protocol):
     BLOCK = b"\x5a" * 65536
 
@@ -78,6 +87,8 @@ async def main() -> None:
         server = await loop.create_server(factory, "127.0.0.1", 0, backlog=4096)
         servers.append(server)
         ports[name] = server.sockets[0].getsockname()[1]
+    udp, _ = await loop.create_datagram_endpoint(UdpEcho, local_addr=("127.0.0.1", 0))
+    ports["udp"] = udp.get_extra_info("sockname")[1]
     print(json.dumps(ports), flush=True)
     await asyncio.Event().wait()
 
