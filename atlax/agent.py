@@ -202,7 +202,8 @@ class Agent:
     async def _serve_stream(self, stream: MuxStream) -> None:
         target = self.services.get(stream.service)
         if target is None or _is_udp(target):
-            log.warning("relay asked for unknown TCP service %r; refusing", stream.service)
+            kind = "unknown service" if target is None else "a TCP stream to UDP service"
+            log.warning("relay asked for %s %r; refusing", kind, stream.service)
             stream.reset(ErrorCode.UNKNOWN_SERVICE)
             return
         if stream.proxy_protocol == 2:
@@ -222,7 +223,8 @@ class Agent:
         """A UDP flow: its own socket, connected to the service, so replies find the flow."""
         target = self.services.get(flow.service)
         if target is None or not _is_udp(target):
-            log.warning("relay asked for unknown UDP service %r; refusing", flow.service)
+            kind = "unknown service" if target is None else "a UDP flow to TCP service"
+            log.warning("relay asked for %s %r; refusing", kind, flow.service)
             flow.close(ErrorCode.UNKNOWN_SERVICE)
             return
         loop = asyncio.get_running_loop()

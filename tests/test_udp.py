@@ -273,7 +273,9 @@ async def test_a_flood_from_many_source_ports_is_refused_before_the_agent(pki: P
         tg.cancel_scope.cancel()
 
 
-async def test_an_agent_without_the_udp_service_resets_the_flow(pki: Pki) -> None:
+async def test_an_agent_without_the_udp_service_resets_the_flow(
+    pki: Pki, caplog_info: pytest.LogCaptureFixture
+) -> None:
     """The agent decides what it exposes: a UDP service it maps as TCP is refused."""
     async with udp_tunnel(pki, ServiceTarget("127.0.0.1", 9, "tcp")) as (relay, agent, port):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
@@ -281,6 +283,7 @@ async def test_an_agent_without_the_udp_service_resets_the_flow(pki: Pki) -> Non
             binding = relay.registry.binding(port, "udp")
             assert binding is not None
             await wait_until(lambda: streams_total(relay) == 1 and binding.connections == 0, 10)
+    assert "relay asked for a UDP flow to TCP service 'dns'; refusing" in caplog_info.text
 
 
 async def test_an_agent_from_before_udp_gets_no_flows(
