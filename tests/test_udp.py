@@ -323,3 +323,26 @@ def test_drop_labels_are_the_documented_ones() -> None:
     assert [d.value for d in DatagramDrop] == [
         label for label in ("tunnel_full", "socket_full") if f"`{label}`" in documented
     ]
+
+
+async def test_removing_the_agent_closes_its_udp_port_and_flows(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    echo = EchoService()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(echo.serve)
+        target = ServiceTarget("127.0.0.1", echo.port, "udp")
+        async with udp_tunnel(pki, target) as (relay, agent, port):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.settimeout(10)
+                client.sendto(b"one", ("127.0.0.1", port))
+                assert await anyio.to_thread.run_sync(client.recv, 100) == b"one"
+                public = relay.registry.port(port, "udp")
+                assert public is not None
+                assert await relay.registry.remove_agent("home-nas")
+                assert relay.registry.port(port, "udp") is None
+                await wait_until(lambda: all(s.fileno() == -1 for s in public.listeners), 10)
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+                    again.bind(("127.0.0.1", port))  # the port is free again
+        tg.cancel_scope.cancel()
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

@@ -8,6 +8,7 @@ are the snapshots the control API answers with.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -125,6 +126,7 @@ class PublicPort:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     sniffing: int = 0  # connections of a shared port still being read (routing.py)
     sniffing_by_source: dict[Any, int] = field(default_factory=dict)
+    transports: list[asyncio.BaseTransport] = field(default_factory=list)  # a UDP port's (udp.py)
 
     @property
     def route(self) -> str | None:
@@ -187,9 +189,13 @@ class PublicPort:
                 binding.close()
 
     def stop_listening(self) -> None:
-        """No new clients; open ones keep running."""
+        """No new clients; open ones keep running. A UDP port's sockets belong to their
+        transports once served: closing a transport closes its socket."""
+        for transport in self.transports:
+            transport.close()
         for sock in self.listeners:
-            close_listener(sock)
+            if not self.transports:
+                close_listener(sock)
 
     def close(self) -> None:
         """Stop listening and drop the port's open connections."""

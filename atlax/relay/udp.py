@@ -55,22 +55,20 @@ class UdpPort:
         self._timer_at = 0.0
 
     async def serve(self) -> None:
-        transports: list[asyncio.DatagramTransport] = []
         try:
             with self.public.scope:
                 for sock in self.public.listeners:
                     transport, _ = await self._loop.create_datagram_endpoint(
                         lambda: _PortSocket(self), sock=sock
                     )
-                    transports.append(transport)
+                    self.public.transports.append(transport)
                 await anyio.sleep_forever()
         finally:
             if self._timer is not None:
                 self._timer.cancel()
             for flow in self.flows.flows():
                 flow.close()
-            for transport in transports:
-                transport.close()
+            self.public.stop_listening()
 
     def received(self, transport: asyncio.DatagramTransport, data: bytes, address: Address) -> None:
         flow = self.flows.get(address)
