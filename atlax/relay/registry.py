@@ -130,7 +130,8 @@ class PublicPort:
 
     @property
     def route(self) -> str | None:
-        """ "tls" or "http" when the port is shared by hostname (every binding says the same)."""
+        """The route of a port shared by hostname, "tls" or "http" (every binding says the
+        same); None for a port of one service's own."""
         return self.bindings[0].service.route if self.bindings else None
 
     @property
@@ -191,11 +192,12 @@ class PublicPort:
     def stop_listening(self) -> None:
         """No new clients; open ones keep running. A UDP port's sockets belong to their
         transports once served: closing a transport closes its socket."""
-        for transport in self.transports:
-            transport.close()
+        if self.transports:
+            for transport in self.transports:
+                transport.close()
+            return
         for sock in self.listeners:
-            if not self.transports:
-                close_listener(sock)
+            close_listener(sock)
 
     def close(self) -> None:
         """Stop listening and drop the port's open connections."""
