@@ -343,7 +343,9 @@ class AgentRegistry:
             ) from None
         except OSError as exc:
             where = f"{host}:{key.port}" + ("/udp" if key.protocol == "udp" else "")
-            raise PortConflictError(key.port, f"cannot listen on {where}: {describe(exc)}") from None
+            raise PortConflictError(
+                key.port, f"cannot listen on {where}: {describe(exc)}"
+            ) from None
 
 
 def _unprivileged_port_start() -> int:
