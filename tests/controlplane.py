@@ -11,9 +11,12 @@ ServiceAccount tokens. Binaries come from $KUBEBUILDER_ASSETS or .tools/bin (bui
 from __future__ import annotations
 
 import argparse
+import functools
+import http.client
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import ssl
@@ -21,9 +24,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+BIND_ATTEMPTS = 5
 
 
 def find_binaries() -> Path:
@@ -41,6 +46,19 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _etcd_member_is(url: str, name: str) -> bool:
+    """The etcd answering at `url` is the single member `name` (asked over its v3 JSON gateway)."""
+    req = urllib.request.Request(f"{url}/v3/cluster/member/list", data=b"{}", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        members = json.load(resp).get("members", [])
+    return [m.get("name") for m in members] == [name]
+
+
+def _last_attempt(log: Path) -> str:
+    text = log.read_text(errors="replace")
+    return text[text.rfind("--- attempt ") :]
 
 
 def _write_sa_keys(directory: Path) -> tuple[Path, Path]:
@@ -72,60 +90,108 @@ class ControlPlane:
         d = self.state_dir
         for sub in ("etcd", "certs", "logs"):
             (d / sub).mkdir(parents=True, exist_ok=True)
-        etcd_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
-        etcd_url = f"http://127.0.0.1:{etcd_port}"
-        self._spawn(
-            "etcd",
-            [
-                str(bins / "etcd"),
-                "--data-dir",
-                str(d / "etcd"),
-                "--listen-client-urls",
-                etcd_url,
-                "--advertise-client-urls",
-                etcd_url,
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{peer_port}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{peer_port}",
-                "--initial-cluster",
-                f"default=http://127.0.0.1:{peer_port}",
-                "--unsafe-no-fsync",
-                "--log-level",
-                "warn",
-            ],
+        for log in (d / "logs").glob("*.log"):
+            log.unlink()  # each start's logs only: _failure shows their tails
+        deadline = time.monotonic() + timeout
+        try:
+            etcd_url = self._start_etcd(bins, deadline)
+            self._start_apiserver(bins, etcd_url, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        self._write_kubeconfig()
+        (d / "state.json").write_text(
+            json.dumps({"pids": [p.pid for p in self._procs], "server": self.server})
         )
+
+    # A port found free can be taken by another process (another test run, an outgoing
+    # connection's ephemeral port) before etcd or kube-apiserver binds it. Then the process exits
+    # with "address already in use" and is started again on new ports, a bounded number of times.
+
+    def _start_etcd(self, bins: Path, deadline: float) -> str:
+        d = self.state_dir
+        # A name of its own, checked in the member list: a foreign etcd that holds the port we
+        # chose must not pass for ours while ours is still failing to bind it.
+        name_file = d / "etcd-name"  # kept with the data an `up` after a `down` starts from
+        if not name_file.exists():
+            name_file.write_text(f"atlax-test-{secrets.token_hex(4)}")
+        name = name_file.read_text()
+        fresh = not (d / "etcd" / "member").exists()  # else: data of an earlier `up`, kept
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            if fresh and attempt > 1:  # the failed attempt may have written its peer URL
+                shutil.rmtree(d / "etcd", ignore_errors=True)
+            client_port, peer_port = _free_port(), _free_port()
+            etcd_url = f"http://127.0.0.1:{client_port}"
+            peer_url = f"http://127.0.0.1:{peer_port}"
+            proc = self._spawn(
+                "etcd",
+                attempt,
+                [
+                    str(bins / "etcd"),
+                    "--name",
+                    name,
+                    "--data-dir",
+                    str(d / "etcd"),
+                    "--listen-client-urls",
+                    etcd_url,
+                    "--advertise-client-urls",
+                    etcd_url,
+                    "--listen-peer-urls",
+                    peer_url,
+                    "--initial-advertise-peer-urls",
+                    peer_url,
+                    "--initial-cluster",
+                    f"{name}={peer_url}",
+                    "--unsafe-no-fsync",
+                    "--log-level",
+                    "warn",
+                ],
+            )
+            ours = functools.partial(_etcd_member_is, etcd_url, name)
+            if self._wait(proc, deadline, ours, "etcd"):
+                return etcd_url
+            self._discard(proc)
+        raise RuntimeError(self._failure(f"etcd found no free port in {BIND_ATTEMPTS} attempts"))
+
+    def _start_apiserver(self, bins: Path, etcd_url: str, deadline: float) -> None:
+        d = self.state_dir
         self.token = secrets.token_hex(16)
         tokens = d / "tokens.csv"
         tokens.write_text(f'{self.token},admin,admin,"system:masters"\n')
         tokens.chmod(0o600)
         sa_key, sa_pub = _write_sa_keys(d / "certs")
-        self._spawn(
-            "kube-apiserver",
-            [
-                str(bins / "kube-apiserver"),
-                f"--etcd-servers={etcd_url}",
-                f"--cert-dir={d / 'certs'}",
-                f"--secure-port={api_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--allow-privileged=true",
-                "--authorization-mode=RBAC",
-                f"--token-auth-file={tokens}",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={sa_pub}",
-                f"--service-account-signing-key-file={sa_key}",
-                # No controller-manager runs here, so nothing would create token Secrets.
-                "--disable-admission-plugins=ServiceAccount",
-                "--enable-priority-and-fairness=false",
-            ],
-        )
-        self.server = f"https://127.0.0.1:{api_port}"
-        self._wait_ready(timeout)
-        self._write_kubeconfig()
-        (d / "state.json").write_text(
-            json.dumps({"pids": [p.pid for p in self._procs], "server": self.server})
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            api_port = _free_port()
+            proc = self._spawn(
+                "kube-apiserver",
+                attempt,
+                [
+                    str(bins / "kube-apiserver"),
+                    f"--etcd-servers={etcd_url}",
+                    f"--cert-dir={d / 'certs'}",
+                    f"--secure-port={api_port}",
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",
+                    "--service-cluster-ip-range=10.0.0.0/24",
+                    "--allow-privileged=true",
+                    "--authorization-mode=RBAC",
+                    f"--token-auth-file={tokens}",
+                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                    f"--service-account-key-file={sa_pub}",
+                    f"--service-account-signing-key-file={sa_key}",
+                    # No controller-manager runs here, so nothing would create token Secrets.
+                    "--disable-admission-plugins=ServiceAccount",
+                    "--enable-priority-and-fairness=false",
+                ],
+            )
+            self.server = f"https://127.0.0.1:{api_port}"
+            # Verified with the certificate our kube-apiserver wrote: a foreign one on the port
+            # fails the handshake.
+            if self._wait(proc, deadline, self._apiserver_ready, "the API server"):
+                return
+            self._discard(proc)
+        raise RuntimeError(
+            self._failure(f"kube-apiserver found no free port in {BIND_ATTEMPTS} attempts")
         )
 
     def stop(self) -> None:
@@ -147,38 +213,58 @@ class ControlPlane:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        log = (self.state_dir / "logs" / f"{name}.log").open("wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    def _spawn(self, name: str, attempt: int, argv: list[str]) -> subprocess.Popen[bytes]:
+        with (self.state_dir / "logs" / f"{name}.log").open("ab") as log:
+            log.write(f"--- attempt {attempt}: {' '.join(argv)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self._procs.append(proc)
+        return proc
+
+    def _discard(self, proc: subprocess.Popen[bytes]) -> None:
+        self._procs.remove(proc)
+        proc.wait()
 
     @property
     def ca_file(self) -> Path:
         return self.state_dir / "certs" / "apiserver.crt"
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def _wait(
+        self,
+        proc: subprocess.Popen[bytes],
+        deadline: float,
+        ready: Callable[[], bool],
+        what: str,
+    ) -> bool:
+        """True once `ready()`; False if `proc` exited because its port was taken; else raises."""
         last = "not started"
         while time.monotonic() < deadline:
-            for proc in self._procs:
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        self._failure(f"{proc.args[0]} exited with {proc.returncode}")
-                    )
-            if self.ca_file.exists():
-                try:
-                    ctx = ssl.create_default_context(cafile=str(self.ca_file))
-                    req = urllib.request.Request(
-                        f"{self.server}/readyz", headers={"Authorization": f"Bearer {self.token}"}
-                    )
-                    with urllib.request.urlopen(req, context=ctx, timeout=5) as resp:
-                        if resp.status == 200:
-                            return
-                except (OSError, ssl.SSLError) as exc:
-                    last = str(exc)
+            for other in self._procs:
+                if other.poll() is None:
+                    continue
+                log = self.state_dir / "logs" / f"{Path(str(other.args[0])).name}.log"
+                if other is proc and "address already in use" in _last_attempt(log):
+                    return False
+                raise RuntimeError(self._failure(f"{other.args[0]} exited with {other.returncode}"))
+            try:
+                if ready():
+                    return True
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                last = str(exc)
             time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(self._failure(f"API server not ready after {timeout:g}s: {last}"))
+        raise RuntimeError(self._failure(f"{what} not ready in time: {last}"))
+
+    def _apiserver_ready(self) -> bool:
+        if not self.ca_file.exists():
+            return False
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        req = urllib.request.Request(
+            f"{self.server}/readyz", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(req, context=ctx, timeout=5) as resp:
+            return bool(resp.status == 200)
 
     def _failure(self, message: str) -> str:
         tails = []
