@@ -147,6 +147,10 @@ async def _send(
     return True
 
 
+class ResponseError(Exception):
+    """The server gave no complete, valid response (it closed or reset the connection first)."""
+
+
 async def request(
     stream: anyio.abc.ByteStream,
     method: str,
@@ -163,20 +167,31 @@ async def request(
     if body:
         data += conn.send(h11.Data(data=body)) or b""
     data += conn.send(h11.EndOfMessage()) or b""
-    await stream.send(data)
     status = 0
     payload = bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            try:
-                conn.receive_data(await stream.receive(65536))
-            except anyio.EndOfStream:
-                conn.receive_data(b"")
-            continue
-        if isinstance(event, h11.Response):
-            status = event.status_code
-        elif isinstance(event, h11.Data):
-            payload += event.data
-        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-            return status, bytes(payload)
+    closed = False
+    try:
+        await stream.send(data)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    conn.receive_data(await stream.receive(65536))
+                except anyio.EndOfStream:
+                    closed = True
+                    conn.receive_data(b"")
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                payload += event.data
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                return status, bytes(payload)
+    except anyio.BrokenResourceError:
+        raise ResponseError("the connection was reset before the response was complete") from None
+    except h11.RemoteProtocolError as exc:
+        raise ResponseError(
+            "the connection was closed before the response was complete"
+            if closed
+            else f"invalid HTTP response: {exc}"
+        ) from None

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 from conftest import (
     Pki,
@@ -23,7 +25,7 @@ from conftest import (
 )
 
 from atlax.agent import Agent
-from atlax.control.client import ControlClient
+from atlax.control.client import ControlClient, ControlSocketError
 from atlax.control.server import ControlServer
 from atlax.http import request
 from atlax.relay_main import RelayMain
@@ -164,3 +166,55 @@ async def test_garbage_on_the_control_socket_gets_400(pki: Pki, tmp_path: Path) 
             reply = await stream.receive()
         assert reply.startswith(b"HTTP/1.1 400 ")
         assert (await client.health())["status"] == "ok"
+
+
+async def _read_then_close(stream: anyio.abc.SocketStream) -> None:
+    await stream.receive()  # the request arrived; the relay is killed before it answers
+
+
+async def _close_at_once(stream: anyio.abc.SocketStream) -> None:
+    pass  # closed with the request unread: the client's socket is reset
+
+
+async def _answer_garbage(stream: anyio.abc.SocketStream) -> None:
+    await stream.receive()
+    await stream.send(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        (_read_then_close, "the connection was closed before the response was complete"),
+        (_close_at_once, "the connection was reset before the response was complete"),
+        (_answer_garbage, "invalid HTTP response"),
+    ],
+)
+async def test_a_relay_that_hangs_up_mid_answer_is_a_control_socket_error(
+    tmp_path: Path,
+    server: Callable[[anyio.abc.SocketStream], Awaitable[None]],
+    message: str,
+) -> None:
+    """What the operator's timer and `atlax relayctl` meet when the relay dies while answering:
+    a ControlSocketError naming the socket (the operator retries it at the next tick), not an
+    h11 or anyio exception (which kopf answered with a 60 s back-off, relayctl with a traceback)."""
+    path = tmp_path / "control.sock"
+    listener = await anyio.create_unix_listener(path)
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await server(stream)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        with pytest.raises(ControlSocketError) as info:
+            await ControlClient(path, timeout=10).agents()
+        assert str(info.value).startswith(f"control socket {path}: {message}")
+        ctl = await anyio.run_process(
+            [sys.executable, "-m", "atlax.cli", "relayctl", "--socket", str(path), "list"],
+            check=False,
+        )
+        tg.cancel_scope.cancel()
+    stderr = ctl.stderr.decode()
+    assert ctl.returncode == 1 and "Traceback" not in stderr, stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith(f"atlax: error: control socket {path}: {message}"), stderr

@@ -218,6 +218,39 @@ def test_timer_survives_the_relay_going_away_after_a_reconcile(env: Env) -> None
 
 
 @pytest.mark.k8s
+def test_a_relay_that_hangs_up_while_answering_is_unreachable_in_status(env: Env) -> None:
+    """The relay dies (kill -9, OOM) while it answers the tick's request: the tick ends normally
+    and status says why. The client raised h11's RemoteProtocolError there, which kopf answered
+    with its 60 s back-off: no tick, so no repair, for a minute after the relay came back."""
+    body = env.apply_agent("hangup", free_port())
+    hangup = env.dir / "hangup.sock"
+
+    async def run() -> None:
+        listener = await anyio.create_unix_listener(hangup)
+
+        async def read_then_close(stream: anyio.abc.SocketStream) -> None:
+            async with stream:
+                await stream.receive()
+
+        async with (
+            anyio.create_task_group() as tg,
+            started_reconciler(env.config(hangup)) as reconciler,
+        ):
+            tg.start_soon(listener.serve, read_then_close)
+            patch = kopf.Patch()
+            await reconciler.observe(body, patch)
+            tg.cancel_scope.cancel()
+        connected = condition(patch.status["conditions"], "Connected")
+        assert connected["status"] == "False"
+        assert connected["message"] == (
+            f"relay not reachable: control socket {hangup}: "
+            "the connection was closed before the response was complete"
+        )
+
+    anyio.run(run)
+
+
+@pytest.mark.k8s
 def test_a_timer_tick_waiting_for_a_delete_does_not_bring_the_agent_back(env: Env) -> None:
     """The TunnelAgent is deleted while its timer tick waits for the agent's lock: once `delete`
     has revoked the agent, the tick must not push it again (it did: the relay opened the port of

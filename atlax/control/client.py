@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from ..http import request
+from ..http import ResponseError, request
 from ..logs import describe
 
 
@@ -41,6 +41,8 @@ class ControlClient:
             raise ControlSocketError(
                 f"cannot reach control socket {self.path}: {describe(exc)}"
             ) from None
+        except ResponseError as exc:  # e.g. the relay stopped while answering
+            raise ControlSocketError(f"control socket {self.path}: {exc}") from None
         try:
             return status, json.loads(data) if data else None
         except ValueError:
