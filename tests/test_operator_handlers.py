@@ -135,7 +135,7 @@ async def started_reconciler(config: OperatorConfig) -> AsyncIterator[Reconciler
 
 async def relay_agent(env: Env, name: str) -> dict[str, Any] | None:
     """The relay's own view of agent `name` (via its control socket), None if it does not know it."""
-    listing = await ControlClient(env.control_socket, timeout=5).agents()
+    listing = await ControlClient(env.control_socket, timeout=30).agents()  # a busy machine
     return next((a for a in listing["agents"] if a["name"] == name), None)
 
 
