@@ -197,17 +197,9 @@ def service_ports(cp: ControlPlane) -> set[int]:
 
 def relay_hostnames(stack: Stack) -> dict[str, str]:
     """hostname -> agent, as the relay's control socket reports it ({} while the relay is down)."""
-
-    async def ask() -> dict[str, Any]:
-        return await ControlClient(stack.socket, timeout=3).agents()
-
-    try:
-        listing = anyio.run(ask)
-    except ControlSocketError:
-        return {}
     return {
         h: a["name"]
-        for a in listing["agents"]
+        for a in relay_agents(stack)
         for s in a["services"]
         for h in s.get("hostnames", [])
     }
