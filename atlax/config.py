@@ -27,6 +27,9 @@ from pydantic import (
 from .protocol import names
 from .sniff.hostnames import InvalidHostnameError, parse_pattern
 
+# Public ports (services) one agent may have; each is a listening socket at the relay.
+MAX_SERVICES = 256
+
 
 class ConfigError(Exception):
     """A configuration problem, as one line naming the file and key."""
@@ -121,13 +124,13 @@ class ServiceSpec(_Model):
     """
 
     name: ServiceName
-    port: int = Field(ge=1, le=65535)
+    port: int = Field(strict=True, ge=1, le=65535)
     protocol: Literal["tcp", "udp"] = "tcp"
     route: Literal["tls", "http"] | None = None
     hostnames: tuple[str, ...] = ()
     proxy_protocol: Literal["v2"] | None = None
     allow: tuple[Network, ...] = ()
-    max_connections: int | None = Field(default=None, ge=1)
+    max_connections: int | None = Field(strict=True, default=None, ge=1)
 
     @field_validator("hostnames")
     @classmethod
@@ -221,7 +224,14 @@ def _who(agent: str, service: ServiceSpec) -> str:
 class AgentSpec(_Model):
     name: AgentName
     services: tuple[ServiceSpec, ...]
-    max_streams: int | None = Field(default=None, ge=1)
+    max_streams: int | None = Field(strict=True, default=None, ge=1)
+
+    @field_validator("services", mode="before")
+    @classmethod
+    def _few_enough(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple) and len(value) > MAX_SERVICES:
+            raise ValueError(f"at most {MAX_SERVICES} services per agent ({len(value)} given)")
+        return value
 
     @model_validator(mode="after")
     def _unique(self) -> AgentSpec:
@@ -237,8 +247,8 @@ class AgentSpec(_Model):
 
 
 class _Keepalive(_Model):
-    keepalive_interval: float = Field(default=10.0, gt=0)
-    keepalive_timeout: float = Field(default=30.0, gt=0)
+    keepalive_interval: float = Field(strict=True, default=10.0, gt=0)
+    keepalive_timeout: float = Field(strict=True, default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _keepalive_order(self) -> _Keepalive:
@@ -255,14 +265,14 @@ class RelaySettings(_Keepalive):
     control_socket: Path | None = None
     public_host: str = "0.0.0.0"
     metrics: HostPortField | None = None
-    handshake_timeout: float = Field(default=10.0, gt=0)
-    route_timeout: float = Field(default=5.0, gt=0)  # for a shared port's ClientHello or Host
-    udp_idle_timeout: float = Field(default=60.0, gt=0)  # a UDP flow without datagrams ends
-    max_agents: int = Field(default=1000, ge=1)
-    max_streams_per_agent: int = Field(default=4096, ge=1)
-    max_connections_per_port: int = Field(default=1024, ge=1)
-    max_connections_per_source: int = Field(default=256, ge=1)
-    drain_timeout: float = Field(default=30.0, ge=0)
+    handshake_timeout: float = Field(strict=True, default=10.0, gt=0)
+    route_timeout: float = Field(strict=True, default=5.0, gt=0)  # for a shared port's ClientHello or Host
+    udp_idle_timeout: float = Field(strict=True, default=60.0, gt=0)  # a UDP flow without datagrams ends
+    max_agents: int = Field(strict=True, default=1000, ge=1)
+    max_streams_per_agent: int = Field(strict=True, default=4096, ge=1)
+    max_connections_per_port: int = Field(strict=True, default=1024, ge=1)
+    max_connections_per_source: int = Field(strict=True, default=256, ge=1)
+    drain_timeout: float = Field(strict=True, default=30.0, ge=0)
 
 
 class RelayConfig(_Model):
@@ -288,9 +298,9 @@ class AgentSettings(_Keepalive):
     cert: Path
     key: Path
     server_name: str | None = None
-    backoff_initial: float = Field(default=0.5, gt=0)
-    backoff_cap: float = Field(default=30.0, gt=0)
-    connect_timeout: float = Field(default=10.0, gt=0)
+    backoff_initial: float = Field(strict=True, default=0.5, gt=0)
+    backoff_cap: float = Field(strict=True, default=30.0, gt=0)
+    connect_timeout: float = Field(strict=True, default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _backoff_order(self) -> AgentSettings:
