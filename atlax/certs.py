@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .pins import pin_of_key
 from .protocol import names
 from .tls import CertificateError as CertificateError  # re-exported: defined without cryptography
 
@@ -65,6 +66,15 @@ class CertKeyPair:
 def common_name(cert: x509.Certificate) -> str:
     attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else ""
+
+
+def key_pin(cert: x509.Certificate) -> str:
+    """The certificate's key pin (`sha256:...`, see atlax.pins): what relay.toml's `pins` and
+    the control API's agent spec list."""
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pin_of_key(spki)
 
 
 def parse_lifetime(text: str) -> timedelta:

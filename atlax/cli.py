@@ -61,6 +61,8 @@ def cmd_cert_issue(args: argparse.Namespace) -> int:
         pair = certs.issue_client_certificate(ca, args.name, lifetime)
     crt, key = certs.write_pair(pair, Path(args.out_dir), args.name)
     print(f"wrote {crt} and {key} (valid until {pair.not_valid_after:%Y-%m-%d %H:%M} UTC)")
+    if args.client:
+        print(f"key pin: {certs.key_pin(pair.cert)}")
     return 0
 
 
