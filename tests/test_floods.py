@@ -398,6 +398,7 @@ def test_a_full_port_makes_room_by_closing_the_connection_idle_longest(
         busy = socket.create_connection(("127.0.0.1", web), timeout=20)
         idle = connect_idle(web, sources(8), 99)
         poll(lambda: relay.metric("atlax_streams_open", agent="home-nas") == 100, 30, "100 open")
+        time.sleep(1.5)  # a connection must be idle a moment before it is the one to go
         # `busy` keeps talking while the port fills up and overflows.
         newcomers = []
         for i in range(20):

@@ -300,12 +300,12 @@ def test_deleting_and_recreating_a_tunnel_agent_revokes_the_old_certificate(stac
 def test_renewal_pins_both_keys_until_the_agent_has_moved_then_only_the_new_one(
     stack: Any,
 ) -> None:
-    """A 60 s certificate is renewed 40 s in. Until the agent connects with the new key the
+    """A 90 s certificate is renewed 60 s in. Until the agent connects with the new key the
     relay accepts both (an agent at home picks up the new Secret when it can); once it has
     moved, the old key is refused, although that certificate has not expired yet."""
     cp, port = stack.cp, free_port()
     obj = tunnel_agent("home-nas", web=port)
-    obj["spec"]["certificateLifetime"] = "60s"
+    obj["spec"]["certificateLifetime"] = "90s"
     apply(cp, obj)
     poll(lambda: stack.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen")
     old = _secret_files(stack, "home-nas", stack.dir / "old")
@@ -318,7 +318,7 @@ def test_renewal_pins_both_keys_until_the_agent_has_moved_then_only_the_new_one(
     with service("echo") as echo:
         with _operator_agent(stack, old, echo, "old-1"):
             assert served(port)
-            poll(lambda: len(pins()) == 2, 60, "the renewed key pinned beside the old one")
+            poll(lambda: len(pins()) == 2, 90, "the renewed key pinned beside the old one")
             assert served(port)  # the old key still serves: the agent has not moved yet
         new = _secret_files(stack, "home-nas", stack.dir / "new")
         new_pin, old_pin = openssl_pin(new["cert"]), openssl_pin(old["cert"])
