@@ -24,11 +24,15 @@ from pydantic import (
     model_validator,
 )
 
+from .pins import FORMAT as PIN_FORMAT
+from .pins import PinError, parse_pin
 from .protocol import names
 from .sniff.hostnames import InvalidHostnameError, parse_pattern
 
 # Public ports (services) one agent may have; each is a listening socket at the relay.
 MAX_SERVICES = 256
+# Keys one agent may be pinned to at once (current, previous during a renewal, spares).
+MAX_PINS = 16
 
 
 class ConfigError(Exception):
@@ -225,6 +229,8 @@ class AgentSpec(_Model):
     name: AgentName
     services: tuple[ServiceSpec, ...]
     max_streams: int | None = Field(strict=True, default=None, ge=1)
+    # Keys the agent may present (atlax.pins); empty: any certificate of the CA with this name.
+    pins: tuple[str, ...] = ()
 
     @field_validator("services", mode="before")
     @classmethod
@@ -232,6 +238,18 @@ class AgentSpec(_Model):
         if isinstance(value, list | tuple) and len(value) > MAX_SERVICES:
             raise ValueError(f"at most {MAX_SERVICES} services per agent ({len(value)} given)")
         return value
+
+    @field_validator("pins", mode="before")
+    @classmethod
+    def _pins(cls, value: Any) -> Any:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"must be a list of key pins like {PIN_FORMAT}")
+        if len(value) > MAX_PINS:
+            raise ValueError(f"at most {MAX_PINS} pins per agent ({len(value)} given)")
+        try:
+            return tuple(dict.fromkeys(parse_pin(pin) for pin in value))
+        except PinError as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _unique(self) -> AgentSpec:
@@ -266,8 +284,9 @@ class RelaySettings(_Keepalive):
     public_host: str = "0.0.0.0"
     metrics: HostPortField | None = None
     handshake_timeout: float = Field(strict=True, default=10.0, gt=0)
-    route_timeout: float = Field(strict=True, default=5.0, gt=0)  # for a shared port's ClientHello or Host
-    udp_idle_timeout: float = Field(strict=True, default=60.0, gt=0)  # a UDP flow without datagrams ends
+    # For a shared port's ClientHello or Host; a UDP flow without datagrams for this long ends.
+    route_timeout: float = Field(strict=True, default=5.0, gt=0)
+    udp_idle_timeout: float = Field(strict=True, default=60.0, gt=0)
     max_agents: int = Field(strict=True, default=1000, ge=1)
     max_streams_per_agent: int = Field(strict=True, default=4096, ge=1)
     max_connections_per_port: int = Field(strict=True, default=1024, ge=1)

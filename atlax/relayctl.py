@@ -48,6 +48,14 @@ def register(sub: Any) -> None:
         "hostname with /tls=nas.example.com,*.home.example.com (TLS SNI) or /http=... (Host)",
     )
     put.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="sha256:HEX",
+        help="a key the agent may present (repeatable; `atlax cert issue` prints it). With "
+        "pins, any other key of the same name is refused",
+    )
+    put.add_argument(
         "--json", dest="json_file", help="the request body from a JSON file ('-' = stdin)"
     )
     delete = actions.add_parser(
@@ -96,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{args.json_file}: not JSON: {exc}") from None
         else:
             body = {"services": _services(args.service)}
+            if args.pin:
+                body["pins"] = args.pin
         method, path, payload = "PUT", f"/agents/{args.name}", body
     elif command == "delete":
         method, path, payload = "DELETE", f"/agents/{args.name}", None

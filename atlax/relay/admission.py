@@ -24,6 +24,7 @@ from ..config import RelaySettings
 from ..logs import describe
 from ..mux import MuxSession
 from ..net import peer_address
+from ..pins import PinError, pin_of_certificate
 from ..protocol import ALPN, ConnectionEnd, EndReason, ErrorCode, KeepaliveConfig, Role, Settings
 from ..tls import peer_common_name
 from .observer import RelayObserver
@@ -47,6 +48,7 @@ class HandshakeFailure(StrEnum):
     UNKNOWN_IDENTITY = "unknown_identity"  # not configured, or revoked
     AGENT_LIMIT = "agent_limit"  # max_agents reached
     SHUTTING_DOWN = "shutting_down"
+    KEY_NOT_PINNED = "key_not_pinned"  # a key the agent's pins do not list
 
     @classmethod
     def of_tls_error(cls, exc: BaseException) -> HandshakeFailure:
@@ -131,16 +133,17 @@ class Admission:
             )
             return
         state = self.registry.get(name) if name else None
-        refusal = self._refusal(name, state)
+        pin = _peer_pin(tls)
+        refusal = self._refusal(name, state, pin)
         if refusal is not None:
             await self._refuse(session, name, peer, *refusal)
             return
         assert state is not None
         session.name = f"agent {state.name!r}"
-        await self._run(state, session, peer)
+        await self._run(state, session, peer, pin)
 
     def _refusal(
-        self, name: str | None, state: AgentState | None
+        self, name: str | None, state: AgentState | None, pin: str | None
     ) -> tuple[HandshakeFailure, ErrorCode, str] | None:
         """Why an agent with a good certificate gets no tunnel, or None to admit it."""
         if self.shutting_down:
@@ -151,6 +154,9 @@ class Admission:
                 ErrorCode.UNAUTHORIZED,
                 f"identity {name!r} is not configured",
             )
+        unpinned = state.unpinned(pin)
+        if unpinned is not None:
+            return HandshakeFailure.KEY_NOT_PINNED, ErrorCode.UNAUTHORIZED, unpinned
         limit = self.settings.max_agents
         if state.session is None and self.registry.connected() >= limit:
             return (
@@ -176,7 +182,9 @@ class Admission:
         session.close(code, goaway or reason)
         await session.run()
 
-    async def _run(self, state: AgentState, session: MuxSession, peer: str) -> None:
+    async def _run(
+        self, state: AgentState, session: MuxSession, peer: str, pin: str | None
+    ) -> None:
         agent = state.name
         observer = self.observer
 
@@ -188,6 +196,7 @@ class Admission:
         if old is None:
             observer.agent_connected(agent)
         state.session = session
+        state.tunnels[session] = pin
         state.peer = peer
         state.connected_since = time.time()
         if old is not None:
@@ -200,12 +209,22 @@ class Admission:
         try:
             await session.run()
         finally:
+            state.tunnels.pop(session, None)
             end = session.end or ConnectionEnd(EndReason.CANCELLED)  # run() always sets it
             observer.tunnel_ended(agent, end)
             if state.session is session:
                 state.session = None
                 observer.agent_disconnected(agent)
                 log.info("agent %r disconnected: %s", agent, end)
+
+
+def _peer_pin(tls: ssl.SSLObject) -> str | None:
+    """The key pin of the verified peer certificate (None if its DER cannot be read, which
+    OpenSSL's verification makes unexpected)."""
+    try:
+        return pin_of_certificate(tls.getpeercert(binary_form=True) or b"")
+    except PinError:
+        return None
 
 
 async def _expire(session: MuxSession, grace: float) -> None:

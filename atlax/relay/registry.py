@@ -48,6 +48,8 @@ class AgentState:
 
     spec: AgentSpec
     session: MuxSession | None = None
+    # Every live tunnel of this agent (the current one and any still draining): its key pin.
+    tunnels: dict[MuxSession, str | None] = field(default_factory=dict)
     peer: str | None = None
     connected_since: float | None = None  # wall clock
     bytes_to_agent: int = 0
@@ -81,7 +83,17 @@ class AgentState:
             "bytesOut": self.bytes_to_agent,
             "rttSeconds": rtt,
             "services": [_service_snapshot(s) for s in self.spec.services],
+            "pins": list(self.spec.pins),
+            "pin": self.tunnels.get(session) if session is not None and connected else None,
         }
+
+    def unpinned(self, pin: str | None) -> str | None:
+        """Why a tunnel with key `pin` may not serve this agent, or None if it may."""
+        if not self.spec.pins or pin in self.spec.pins:
+            return None
+        if pin is None:
+            return f"agent {self.name!r}: the key of its certificate cannot be read"
+        return f"agent {self.name!r} presented key {pin}, which is not pinned for it"
 
 
 def _service_snapshot(service: ServiceSpec) -> dict[str, Any]:
@@ -296,6 +308,13 @@ class AgentRegistry:
             elif changed:
                 log.info("agent %r updated: ports %s", spec.name, ports)
             state.spec = spec
+            for session, pin in list(state.tunnels.items()):
+                reason = state.unpinned(pin)
+                if reason is not None:  # the key was revoked: its tunnels go now
+                    log.warning(
+                        "agent %r: key %s is no longer pinned: closing its tunnel", spec.name, pin
+                    )
+                    session.close(ErrorCode.UNAUTHORIZED, reason)
             for key, public in list(self._ports.items()):
                 if key not in wanted:
                     self._release(public, state)
