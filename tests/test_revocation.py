@@ -273,7 +273,6 @@ def _operator_agent(
     )
 
 
-@NOT_YET
 @pytest.mark.k8s
 def test_deleting_and_recreating_a_tunnel_agent_revokes_the_old_certificate(stack: Any) -> None:
     cp, port = stack.cp, free_port()
@@ -299,7 +298,6 @@ def test_deleting_and_recreating_a_tunnel_agent_revokes_the_old_certificate(stac
             assert served(port)
 
 
-@NOT_YET
 @pytest.mark.k8s
 def test_renewal_pins_both_keys_until_the_agent_has_moved_then_only_the_new_one(
     stack: Any,

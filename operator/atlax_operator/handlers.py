@@ -34,6 +34,7 @@ from atlax.isotime import iso_utc
 from . import FINALIZER, GROUP, PLURAL, VERSION, kube, pki
 from .claims import ClaimConflictError, Claims
 from .conditions import condition_true, same_conditions, set_condition
+from .keypins import key_pins, moved_to_current_key, previous_expired
 from .locks import AgentLocks
 
 log = logging.getLogger("atlax.operator")
@@ -218,8 +219,13 @@ class Reconciler:
         async with self.locks.hold(body["metadata"]["name"]):
             await self._reconcile(body, patch)
 
-    async def _reconcile(self, body: kopf.Body, patch: kopf.Patch) -> None:
-        """Bring one TunnelAgent to its desired state and write what happened into status."""
+    async def _reconcile(
+        self, body: kopf.Body, patch: kopf.Patch, *, agent_moved: bool = False
+    ) -> None:
+        """Bring one TunnelAgent to its desired state and write what happened into status.
+
+        `agent_moved`: the relay saw the agent's tunnel with its current key, so the key of a
+        renewal's predecessor need not be accepted any longer (see keypins)."""
         cfg, ca = self.config, self.state.ca
         assert ca is not None
         name, spec = body["metadata"]["name"], dict(body.get("spec", {}))
@@ -231,7 +237,7 @@ class Reconciler:
             raise kopf.PermanentError(str(exc)) from None
         status = body.get("status", {})
         try:
-            cert, reissued = await pki.ensure_agent_secret(
+            issued = await pki.ensure_agent_secret(
                 cfg.namespace,
                 name,
                 ca,
@@ -241,7 +247,9 @@ class Reconciler:
                 _issued_certificate(status),
                 status.get("relayAddress"),
             )
-            ports = await self._open_ports(name, spec)
+            cert, reissued = issued.cert, issued.reissued
+            pins = key_pins(status, issued, agent_moved=agent_moved)
+            ports = await self._open_ports(name, spec, pins.pins)
         except ApiException as exc:
             raise kopf.TemporaryError(kube.describe(exc), delay=10) from None
         secret = pki.agent_secret_name(name)
@@ -277,13 +285,19 @@ class Reconciler:
         patch.status["certificateRenewalTime"] = iso_utc(certs.renewal_time(cert) + ONE_SECOND)
         patch.status["certificate"] = cert.public_bytes(serialization.Encoding.PEM).decode()
         patch.status["relayAddress"] = cfg.relay_address
+        patch.status["keyPins"] = list(pins.pins)
+        patch.status["previousCertificateNotAfter"] = (
+            iso_utc(pins.previous_until) if pins.previous_until else None
+        )
         patch.status["publicAddress"] = (
             ports.address or cfg.public_address or cfg.relay_address.rsplit(":", 1)[0]
         )
         if ports.reason is PortsReason.RELAY_UNAVAILABLE:
             raise kopf.TemporaryError(ports.message, delay=5)
 
-    async def _open_ports(self, name: str, spec: dict[str, Any]) -> PortsResult:
+    async def _open_ports(
+        self, name: str, spec: dict[str, Any], pins: tuple[str, ...]
+    ) -> PortsResult:
         """Service ownership first (it survives relay restarts), then the relay, then the Service's
         port list."""
         cfg = self.config
@@ -291,7 +305,7 @@ class Reconciler:
         claims = Claims.of(spec.get("services", []))
         try:
             await kube.check_claims(cfg.namespace, cfg.service_name, owner, claims)
-            pushed = await self._push(name, spec)
+            pushed = await self._push(name, spec, pins)
             if not pushed.open:
                 return pushed
             lb = await kube.sync_claims(cfg.namespace, cfg.service_name, owner, claims)
@@ -302,8 +316,10 @@ class Reconciler:
             return PortsResult(PortsReason.SERVICE_NOT_FOUND, str(exc))
         return PortsResult(pushed.reason, pushed.message, lb)
 
-    async def _push(self, name: str, spec: dict[str, Any]) -> PortsResult:
-        extra = {"max_streams": spec["maxStreams"]} if spec.get("maxStreams") else {}
+    async def _push(self, name: str, spec: dict[str, Any], pins: tuple[str, ...]) -> PortsResult:
+        extra: dict[str, Any] = {"pins": list(pins)}
+        if spec.get("maxStreams"):
+            extra["max_streams"] = spec["maxStreams"]
         try:
             # relayId before the PUT: if the relay restarts in between, the next tick sees a new id.
             relay_id = str((await self.state.client.health()).get("relayId"))
@@ -386,10 +402,15 @@ class Reconciler:
             why = self._push_needed(name, spec, status, view)
             if why is None and _renewal_due(status):
                 why = "its certificate is due for renewal"
+            moved = moved_to_current_key(status, view.agent)
+            if why is None and moved:
+                why = "the agent has moved to its renewed key: the previous one is unpinned"
+            elif why is None and previous_expired(status):
+                why = "the certificate its renewal replaced has expired: unpinning its key"
             if why is not None:
                 level = logging.DEBUG if why == RETRYING else logging.INFO
                 log.log(level, "TunnelAgent %r: reconciling because %s", name, why)
-                await self._reconcile(body, patch)
+                await self._reconcile(body, patch, agent_moved=moved)
                 status = {**status, **dict(patch.status)}
                 view = await self._relay_view(name)  # the relay may be gone again
             else:
@@ -457,6 +478,8 @@ class Reconciler:
             return "the relay restarted"
         if _ports(live.get("services", [])) != _ports(spec.get("services", [])):
             return "the relay's ports differ from the spec"
+        if list(live.get("pins", [])) != list(status.get("keyPins", [])):
+            return "the relay's key pins differ from status"
         return None
 
     async def _repair_service_ports(self, name: str, spec: dict[str, Any]) -> None:

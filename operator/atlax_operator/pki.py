@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -70,11 +71,7 @@ def still_good(
     cert: x509.Certificate, ca: certs.CertKeyPair, *, name: str, sans: Sequence[str] = ()
 ) -> bool:
     """Issued by this CA, for this name (and SANs), not yet 2/3 through its lifetime."""
-    try:
-        certs.verify_issued_by(cert, ca.cert)
-    except certs.CertificateError:
-        return False
-    if certs.common_name(cert) != name or certs.needs_renewal(cert, datetime.now(UTC)):
+    if not _issued_for(cert, ca, name) or certs.needs_renewal(cert, datetime.now(UTC)):
         return False
     wanted = {str(ipaddress.ip_address(s)) if _is_ip(s) else s.lower() for s in sans}
     return not sans or _sans(cert) == wanted
@@ -122,6 +119,15 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class AgentCertificate:
+    """The certificate in an agent's Secret, and the one it replaced if this call renewed it."""
+
+    cert: x509.Certificate
+    reissued: bool
+    replaced: x509.Certificate | None = None  # a renewal's predecessor (same TunnelAgent)
+
+
 async def ensure_agent_secret(
     namespace: str,
     name: str,
@@ -131,9 +137,10 @@ async def ensure_agent_secret(
     owner: kopf.Body,
     issued: x509.Certificate | None,
     issued_relay: str | None,
-) -> tuple[x509.Certificate, bool]:
-    """Keep the agent's certificate while it is good; else mint a new one. (cert, reissued).
-    The Secret is owned by the TunnelAgent `owner` (garbage-collected with it).
+) -> AgentCertificate:
+    """Keep the agent's certificate while it is good; else mint a new one (always a new key).
+    The Secret is owned by the TunnelAgent `owner` (garbage-collected with it). A new one
+    names the certificate it replaced, if that is still valid (its key stays pinned a while).
 
     The operator never reads an agent's Secret back (its Role may not: no token can read agent
     keys). `issued` and `issued_relay` are what it last wrote, as the TunnelAgent's status
@@ -151,8 +158,19 @@ async def ensure_agent_secret(
     labels = {"atlax.dev/agent": name}
     if issued is not None and issued_relay == relay and still_good(issued, ca, name=name):
         if not await kube.create_secret(namespace, secret, data, owner=owner, labels=labels):
-            return issued, False
+            return AgentCertificate(issued, reissued=False)
         log.info("Secret %s/%s was missing: issued a new certificate", namespace, secret)
-        return pair.cert, True
-    await kube.put_secret(namespace, secret, data, owner=owner, labels=labels)
-    return pair.cert, True
+    else:
+        await kube.put_secret(namespace, secret, data, owner=owner, labels=labels)
+    replaced = None
+    if issued is not None and _issued_for(issued, ca, name):
+        replaced = issued if issued.not_valid_after_utc > datetime.now(UTC) else None
+    return AgentCertificate(pair.cert, reissued=True, replaced=replaced)
+
+
+def _issued_for(cert: x509.Certificate, ca: certs.CertKeyPair, name: str) -> bool:
+    try:
+        certs.verify_issued_by(cert, ca.cert)
+    except certs.CertificateError:
+        return False
+    return certs.common_name(cert) == name
