@@ -6,8 +6,9 @@
     GET    /agents/{name}   live state of one agent
     GET    /healthz         liveness, with this relay process's id
 
-The socket file is created with mode 0660 in a directory of mode 0750 or tighter: only the relay's
-own pod (which shares the directory through an emptyDir) can reach it. `relay_id` changes on every
+The socket file is created with mode 0660 in a directory of mode 0750 or tighter (created so, or
+tightened; one others may write to and that is not the relay's is refused): only the relay's own
+pod (which shares a directory inside an emptyDir) can reach it. `relay_id` changes on every
 relay start, so a client can tell that a relay came back empty and must be told its state again.
 """
 
@@ -81,10 +82,7 @@ class ControlServer:
 
     async def _listen(self) -> anyio.abc.SocketListener:
         path = self.path
-        try:
-            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ControlSocketError(f"cannot create {path.parent}: {describe(exc)}") from None
+        _private_directory(path.parent)
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
                 raise ControlSocketError(
@@ -136,6 +134,8 @@ class ControlServer:
             data = json.loads(body or b"null")
         except (ValueError, UnicodeDecodeError) as exc:
             return Response.error(400, f"request body is not JSON: {exc}")
+        except RecursionError:
+            return Response.error(400, "request body is nested too deeply")
         if not isinstance(data, dict):
             return Response.error(
                 400, 'request body must be a JSON object like {"services": [...]}'
@@ -159,6 +159,36 @@ class ControlServer:
 
 def _method_not_allowed(allowed: str) -> Response:
     return Response(405, b'{"error": "method not allowed"}\n', headers=[("allow", allowed)])
+
+
+def _private_directory(directory: Path) -> None:
+    """The socket's directory: created 0750, or an existing one that others cannot use to
+    replace the socket. One of ours is tightened; one that others may write to and that is not
+    ours to fix is refused."""
+    try:
+        directory.mkdir(mode=0o750, parents=True)
+        return
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ControlSocketError(f"cannot create {directory}: {describe(exc)}") from None
+    info = directory.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise ControlSocketError(f"{directory} is not a directory; the control socket needs one")
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o027:  # no group write, nothing for others
+        return
+    if info.st_uid == os.geteuid():
+        tight = mode & ~0o027
+        os.chmod(directory, tight)
+        log.warning("control socket directory %s had mode %04o; now %04o", directory, mode, tight)
+        return
+    if mode & 0o002 and not mode & stat.S_ISVTX:
+        raise ControlSocketError(
+            f"control socket directory {directory} is writable by other users (mode {mode:04o}) "
+            "and not ours to fix: use a directory only the relay's user can write (the relay "
+            "creates a missing one with mode 0750)"
+        )
 
 
 def _socket_answers(path: Path) -> bool:

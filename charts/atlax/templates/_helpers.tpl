@@ -48,7 +48,7 @@ NodePort Service, agents dial a node: its address is required. */ -}}
 {{- $host := include "atlax.relayHost" . -}}
 - operator
 - --namespace=$(POD_NAMESPACE)
-- --control-socket=/run/atlax/control/control.sock
+- --control-socket=/run/atlax/control/relay/control.sock
 - --service-name={{ $fullname }}
 - --relay-address={{ $host }}:{{ include "atlax.relayPort" . }}
 - --relay-san={{ $host }}
