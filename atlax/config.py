@@ -287,6 +287,8 @@ class RelaySettings(_Keepalive):
     # For a shared port's ClientHello or Host; a UDP flow without datagrams for this long ends.
     route_timeout: float = Field(strict=True, default=5.0, gt=0)
     udp_idle_timeout: float = Field(strict=True, default=60.0, gt=0)
+    max_handshakes: int = Field(strict=True, default=256, ge=1)
+    max_handshakes_per_source: int = Field(strict=True, default=16, ge=1)
     max_agents: int = Field(strict=True, default=1000, ge=1)
     max_streams_per_agent: int = Field(strict=True, default=4096, ge=1)
     max_connections_per_port: int = Field(strict=True, default=1024, ge=1)

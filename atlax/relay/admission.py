@@ -1,11 +1,15 @@
 """Agent admission: a connection on the agent port becomes a configured agent's tunnel, or not.
 
-In order: the mutual TLS handshake (within `handshake_timeout`), the ALPN check, the identity
-check against the registry (the certificate's Common Name must be a configured agent, the relay
-not shutting down, `max_agents` not reached), then the tunnel runs; a newer tunnel from the same
-identity replaces the older one, which gets `drain_timeout` to finish its streams. A refusal
-after the handshake is a GOAWAY naming the code and the reason; every refusal is counted by
-`HandshakeFailure` (the `atlax_handshake_failures_total` labels) and logged.
+In order: the handshake caps (`max_handshakes_per_source` refuses the newcomer at once,
+`max_handshakes` ends the oldest pending handshake to admit it), the mutual TLS handshake (within
+`handshake_timeout`), the ALPN check, the identity check against the registry (the certificate's
+Common Name must be a configured agent, its key among the agent's pins if it has any, the relay
+not shutting down, `max_agents` not reached); only then is a tunnel session created and handed
+the transport, inside the callback that reports the finished handshake, and the tunnel runs.
+A newer tunnel from the same identity replaces the older one, which gets `drain_timeout` to
+finish its streams. A refusal after the handshake is a GOAWAY naming the code and the reason;
+every refusal is counted by `HandshakeFailure` (the `atlax_handshake_failures_total` labels)
+and logged.
 """
 
 from __future__ import annotations
@@ -15,17 +19,29 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from enum import StrEnum
+from typing import cast
 
 import anyio
 import anyio.abc
 
 from ..config import RelaySettings
-from ..logs import describe
+from ..handshakes import HandshakeGate, Verdict, source_of
+from ..logs import RateLimitedLog, describe
 from ..mux import MuxSession
-from ..net import peer_address
+from ..net import close_with_reset, peer_address
 from ..pins import PinError, pin_of_certificate
-from ..protocol import ALPN, ConnectionEnd, EndReason, ErrorCode, KeepaliveConfig, Role, Settings
+from ..protocol import (
+    ALPN,
+    Connection,
+    ConnectionEnd,
+    EndReason,
+    ErrorCode,
+    KeepaliveConfig,
+    Role,
+    Settings,
+)
 from ..tls import peer_common_name
 from .observer import RelayObserver
 from .registry import AgentRegistry, AgentState
@@ -46,9 +62,11 @@ class HandshakeFailure(StrEnum):
     CONNECTION_LOST = "connection_lost"
     ALPN = "alpn"
     UNKNOWN_IDENTITY = "unknown_identity"  # not configured, or revoked
+    KEY_NOT_PINNED = "key_not_pinned"  # a key the agent's pins do not list
     AGENT_LIMIT = "agent_limit"  # max_agents reached
     SHUTTING_DOWN = "shutting_down"
-    KEY_NOT_PINNED = "key_not_pinned"  # a key the agent's pins do not list
+    SOURCE_HANDSHAKE_LIMIT = "source_handshake_limit"  # reset at once: max_handshakes_per_source
+    HANDSHAKE_EVICTED = "handshake_evicted"  # the oldest pending one, over max_handshakes
 
     @classmethod
     def of_tls_error(cls, exc: BaseException) -> HandshakeFailure:
@@ -76,34 +94,64 @@ class Admission:
         self.context: ssl.SSLContext | None = None  # the relay's, replaced when files change
         self.task_group: anyio.abc.TaskGroup | None = None  # the relay's, set while it serves
         self.shutting_down = False
+        self.handshakes = HandshakeGate(settings.max_handshakes, settings.max_handshakes_per_source)
+        self.handshakes_started = 0  # the heap trimmer counts them as a burst
+        self._refusals = RateLimitedLog(log)
 
     async def admit(self, sock: socket.socket) -> None:
-        """Hand a new connection on the agent port to a task of its own."""
+        """Admit a new connection on the agent port under the handshake caps (a task of its
+        own from here), or reset it at once."""
         assert self.task_group is not None, "agents are admitted only while the relay serves"
-        self.task_group.start_soon(self._contained, sock)
+        scope = anyio.CancelScope()
+        admission = self.handshakes.admit(scope, source_of(_peer_ip(sock)))
+        if admission.verdict is Verdict.REFUSED:
+            self.observer.handshake_failed(HandshakeFailure.SOURCE_HANDSHAKE_LIMIT)
+            self._refusals.warning(
+                "source-handshakes",
+                "agent port: reset a connection from %s: that source already has %d handshakes "
+                "in progress (max_handshakes_per_source)",
+                peer_address(sock),
+                self.handshakes.per_source,
+            )
+            close_with_reset(sock)
+            return
+        if admission.evicted is not None:
+            self.observer.handshake_failed(HandshakeFailure.HANDSHAKE_EVICTED)
+            self._refusals.warning(
+                "evicted-handshakes",
+                "agent port: %d handshakes in progress (max_handshakes): ended the oldest to "
+                "admit a new one",
+                len(self.handshakes),
+            )
+            cast(anyio.CancelScope, admission.evicted).cancel()
+        self.handshakes_started += 1
+        self.task_group.start_soon(self._contained, sock, scope)
 
-    async def _contained(self, sock: socket.socket) -> None:
+    async def _contained(self, sock: socket.socket, scope: anyio.CancelScope) -> None:
+        gate = _Gate(self._decide, peer_address(sock))
         try:
-            await self._admit(sock)
+            with scope:
+                await self._handshake(sock, gate)
         except Exception:
             log.exception("internal error handling an agent connection; closed it")
-            sock.close()
+        finally:
+            self.handshakes.done(scope)
+        tunnel = gate.tunnel
+        if tunnel is None:
+            sock.close()  # refused, failed, timed out or evicted: nothing else was created
+            return
+        await self._run(*tunnel)
 
-    async def _admit(self, sock: socket.socket) -> None:
-        peer = peer_address(sock)
+    async def _handshake(self, sock: socket.socket, gate: _Gate) -> None:
+        """TLS on the agent port; `gate` decides, once it is done, who is calling."""
         s = self.settings
+        peer = gate.peer
         assert self.context is not None
-        session = MuxSession(
-            Role.SERVER,
-            settings=TUNNEL_SETTINGS,
-            keepalive=KeepaliveConfig(s.keepalive_interval, s.keepalive_timeout),
-            name=f"agent at {peer}",
-        )
         loop = asyncio.get_running_loop()
         try:
             with anyio.fail_after(s.handshake_timeout):
-                transport, _ = await loop.connect_accepted_socket(
-                    lambda: session,
+                await loop.connect_accepted_socket(
+                    lambda: gate,
                     sock,
                     ssl=self.context,
                     ssl_handshake_timeout=s.handshake_timeout + 1,
@@ -111,19 +159,20 @@ class Admission:
         except TimeoutError:
             self.observer.handshake_failed(HandshakeFailure.TIMEOUT)
             log.warning("agent port: TLS handshake from %s timed out", peer)
-            sock.close()
-            return
         except (ssl.SSLError, OSError, EOFError, ValueError) as exc:
             self.observer.handshake_failed(HandshakeFailure.of_tls_error(exc))
             reason = describe(exc, peer="client", during="during the handshake")
             log.warning("agent port: TLS handshake from %s failed: %s", peer, reason)
-            sock.close()
-            return
+
+    def _decide(self, transport: asyncio.Transport, peer: str) -> _Tunnel | None:
+        """The TLS handshake is done: check who it is, then hand the transport to a tunnel
+        session, or refuse with GOAWAY. Synchronous, inside the transport's callback, so no
+        byte reaches a session before this decision, and none is created for a refusal."""
         tls = transport.get_extra_info("ssl_object")
         name = peer_common_name(tls.getpeercert()) if tls is not None else None
         if tls is None or tls.selected_alpn_protocol() != ALPN:
-            await self._refuse(
-                session,
+            self._refuse(
+                transport,
                 name,
                 peer,
                 HandshakeFailure.ALPN,
@@ -131,16 +180,25 @@ class Admission:
                 f"peer did not negotiate ALPN {ALPN}",
                 goaway=f"ALPN {ALPN} required",
             )
-            return
+            return None
         state = self.registry.get(name) if name else None
         pin = _peer_pin(tls)
         refusal = self._refusal(name, state, pin)
         if refusal is not None:
-            await self._refuse(session, name, peer, *refusal)
-            return
+            self._refuse(transport, name, peer, *refusal)
+            return None
         assert state is not None
-        session.name = f"agent {state.name!r}"
-        await self._run(state, session, peer, pin)
+        s = self.settings
+        session = MuxSession(
+            Role.SERVER,
+            settings=TUNNEL_SETTINGS,
+            keepalive=KeepaliveConfig(s.keepalive_interval, s.keepalive_timeout),
+            name=f"agent {state.name!r}",
+        )
+        transport.set_protocol(session)
+        session.connection_made(transport)
+        self._add(state, session, peer, pin)
+        return state, session
 
     def _refusal(
         self, name: str | None, state: AgentState | None, pin: str | None
@@ -166,9 +224,9 @@ class Admission:
             )
         return None
 
-    async def _refuse(
+    def _refuse(
         self,
-        session: MuxSession,
+        transport: asyncio.Transport,
         name: str | None,
         peer: str,
         failure: HandshakeFailure,
@@ -176,15 +234,18 @@ class Admission:
         reason: str,
         goaway: str | None = None,
     ) -> None:
-        """Count and log the refusal, then tell the agent why in a GOAWAY and close."""
+        """Count and log the refusal, then tell the agent why (SETTINGS and GOAWAY written
+        straight to the transport: no session exists for it) and close."""
         self.observer.handshake_failed(failure)
         log.warning("agent port: refused %r from %s: %s", name, peer, reason)
-        session.close(code, goaway or reason)
-        await session.run()
+        conn = Connection(Role.SERVER, TUNNEL_SETTINGS)
+        conn.close(code, goaway or reason)
+        transport.write(conn.data_to_send())
+        transport.close()
 
-    async def _run(
-        self, state: AgentState, session: MuxSession, peer: str, pin: str | None
-    ) -> None:
+    def _add(self, state: AgentState, session: MuxSession, peer: str, pin: str | None) -> None:
+        """The agent's new tunnel becomes current; an earlier one gets drain_timeout to finish
+        its streams (REPLACED after that)."""
         agent = state.name
         observer = self.observer
 
@@ -206,16 +267,49 @@ class Admission:
             self.task_group.start_soon(_expire, old, self.settings.drain_timeout)
         else:
             log.info("agent %r connected from %s", agent, peer)
+
+    async def _run(self, state: AgentState, session: MuxSession) -> None:
+        agent = state.name
         try:
             await session.run()
         finally:
             state.tunnels.pop(session, None)
             end = session.end or ConnectionEnd(EndReason.CANCELLED)  # run() always sets it
-            observer.tunnel_ended(agent, end)
+            self.observer.tunnel_ended(agent, end)
             if state.session is session:
                 state.session = None
-                observer.agent_disconnected(agent)
+                self.observer.agent_disconnected(agent)
                 log.info("agent %r disconnected: %s", agent, end)
+
+
+_Tunnel = tuple[AgentState, MuxSession]
+
+
+class _Gate(asyncio.Protocol):
+    """The agent port's protocol until the peer is known. When TLS completes, `decide` hands
+    the transport to a tunnel session (or refuses it) inside `connection_made`; before that,
+    a connection holds nothing but its TLS state."""
+
+    def __init__(self, decide: Callable[[asyncio.Transport, str], _Tunnel | None], peer: str):
+        self._decide = decide
+        self.peer = peer
+        self.tunnel: _Tunnel | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.tunnel = self._decide(cast(asyncio.Transport, transport), self.peer)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # a refused peer's bytes, until the close: ignored
+
+    def eof_received(self) -> bool:
+        return False
+
+
+def _peer_ip(sock: socket.socket) -> str | None:
+    try:
+        return str(sock.getpeername()[0])
+    except (OSError, IndexError):
+        return None
 
 
 def _peer_pin(tls: ssl.SSLObject) -> str | None:

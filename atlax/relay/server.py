@@ -27,6 +27,10 @@ from .registry import AgentRegistry
 log = logging.getLogger("atlax.relay")
 
 TLS_CHECK_INTERVAL = 30.0
+# Heap a TLS handshake grows, as the heap trimmer counts it (asyncio's and uvloop's TLS
+# protocols allocate a 256 KiB read buffer per connection), and how much makes a burst.
+HANDSHAKE_HEAP_WEIGHT = 256 * 1024
+HANDSHAKE_BURST = 16 << 20
 
 
 class Relay:
@@ -125,10 +129,17 @@ class Relay:
             log.info("reloaded the relay certificate and CA from disk")
 
     async def _trim_heap_after_bursts(self) -> None:
-        trimmer = heap.HeapTrimmer(self.registry.bytes_moved)
-        while trimmer.available:
+        """Give the heap back after a burst of traffic, or of TLS handshakes (each allocates
+        a TLS read buffer; a flood of them would leave its peak behind)."""
+        traffic = heap.HeapTrimmer(self.registry.bytes_moved)
+        handshakes = heap.HeapTrimmer(
+            lambda: self.admission.handshakes_started * HANDSHAKE_HEAP_WEIGHT,
+            burst=HANDSHAKE_BURST,
+        )
+        while traffic.available:
             await anyio.sleep(heap.INTERVAL)
-            trimmer.tick()
+            if not traffic.tick():
+                handshakes.tick()
 
     async def shutdown(self, grace: float | None = None) -> None:
         """GOAWAY to every agent, stop accepting, let open streams finish within `grace`."""
