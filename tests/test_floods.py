@@ -160,16 +160,11 @@ def test_a_flood_from_many_addresses_evicts_the_oldest_handshake_and_an_agent_ge
         ) as relay,
     ):
         attackers = connect_idle(relay.listen, many, 600)
-        evicted = poll(
-            lambda: (
-                relay.metric("atlax_handshake_failures_total", reason="handshake_evicted") >= 500
-            ),
-            20,
-            "evictions",
-        )
+        evictions = "atlax_handshake_failures_total"
+        poll(lambda: relay.metric(evictions, reason="handshake_evicted") >= 500, 20, "evictions")
         with agent_process(tmp_path, pki, relay.listen, {"web": echo}):
             pass
-        evicted = relay.metric("atlax_handshake_failures_total", reason="handshake_evicted")
+        evicted = relay.metric(evictions, reason="handshake_evicted")
         close_all(attackers)
     report("4b handshake flood from 600 addresses (max_handshakes 64)", evicted=evicted)
     assert evicted >= 500
