@@ -16,6 +16,7 @@ from . import events as ev
 from . import frames as wire
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import HEADER, Flag, Frame, FrameType, Origin, Settings, decode_u32, encode_frame
+from .ignored import IgnoredFrames
 from .keepalive import Keepalive, KeepaliveConfig, TimerAction
 from .output import SEPARATE_WRITE, coalesce, split_data
 from .state import (
@@ -57,6 +58,7 @@ class Connection:
         self._streams = self._table.live  # the same dict, one lookup less per frame
         self._goaway_sent = False
         self._last_received = now
+        self._ignored = IgnoredFrames(now)
 
     # -- inspection --------------------------------------------------------------------------
 
@@ -293,6 +295,8 @@ class Connection:
             rtt = self._keepalive.pong(frame.payload, now)
             if rtt is not None:
                 events.append(ev.PongReceived(rtt))
+            else:
+                self._ignored.ignored(now)  # a PING ACK nobody asked for
             return
         if not self._keepalive.peer_pinged(now):
             raise RemoteProtocolError(
@@ -322,9 +326,11 @@ class Connection:
         if request.datagram and not self.local_settings.datagrams:
             raise RemoteProtocolError("OPEN of a datagram stream, but DATAGRAMS was not announced")
         if self._goaway_sent:
+            self._ignored.ignored(now)
             return  # after our GOAWAY: ignored (so are its frames), the peer retries elsewhere
         if self._table.peer_open >= self.local_settings.max_streams:
             self._table.refuse()  # raises once the peer floods
+            self._ignored.stream_ended()  # its DATA in flight is ignored, and allowed for
             code = wire.encode_u32(ErrorCode.REFUSED_STREAM)
             self._emit(encode_frame(FrameType.RESET, 0, stream_id, code))
             events.append(ev.StreamReset(stream_id, ErrorCode.REFUSED_STREAM, remote=False))
@@ -351,6 +357,7 @@ class Connection:
             frame.stream_id, "DATA"
         )
         if stream is None:
+            self._ignored.ignored(now)
             return
         if stream.remote_closed:
             raise RemoteProtocolError(
@@ -371,13 +378,17 @@ class Connection:
             raise RemoteProtocolError("WINDOW_UPDATE with an increment of 0")
         stream = self._table.for_frame(frame.stream_id, "WINDOW_UPDATE")
         if stream is None:
+            self._ignored.ignored(now)
             return
         stream.send.grant(increment)
-        if not stream.local_closed:
+        if stream.local_closed:
+            self._ignored.ignored(now)  # nothing more will be sent on it
+        else:
             events.append(ev.WindowUpdated(frame.stream_id, increment))
 
     def _on_reset(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
         if self._table.for_frame(frame.stream_id, "RESET") is None:
+            self._ignored.ignored(now)
             return
         self._forget(frame.stream_id)
         events.append(
@@ -388,6 +399,7 @@ class Connection:
 
     def _forget(self, stream_id: int) -> None:
         if self._table.forget(stream_id):
+            self._ignored.stream_ended()
             self._maybe_drained()
 
     def _goaway(self, error_code: int, message: str, end: ConnectionEnd) -> None:
