@@ -290,8 +290,9 @@ class RelaySettings(_Keepalive):
     max_handshakes: int = Field(strict=True, default=256, ge=1)
     max_handshakes_per_source: int = Field(strict=True, default=16, ge=1)
     max_agents: int = Field(strict=True, default=1000, ge=1)
-    max_streams_per_agent: int = Field(strict=True, default=4096, ge=1)
-    max_connections_per_port: int = Field(strict=True, default=1024, ge=1)
+    max_streams_per_agent: int = Field(strict=True, default=16384, ge=1)
+    max_connections_per_port: int = Field(strict=True, default=16384, ge=1)
+    max_public_connections: int = Field(strict=True, default=65536, ge=1)
     max_connections_per_source: int = Field(strict=True, default=256, ge=1)
     drain_timeout: float = Field(strict=True, default=30.0, ge=0)
 

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from .http import Request, Response, serve_http_connection
 from .net import accept_loop
 from .protocol import ConnectionEnd
-from .relay import ByteCounter, DatagramDrop, HandshakeFailure, Refusal, RelayObserver
+from .relay import ByteCounter, DatagramDrop, Eviction, HandshakeFailure, Refusal, RelayObserver
 
 
 class RelayMetrics(RelayObserver):
@@ -54,6 +54,13 @@ class RelayMetrics(RelayObserver):
         self.datagrams_dropped = Counter(
             "atlax_udp_datagrams_dropped",
             "Datagrams of admitted UDP flows dropped at the relay, by port and reason.",
+            ["port", "reason"],
+            registry=r,
+        )
+        self.evicted = Counter(
+            "atlax_connections_evicted",
+            "Public connections closed to make room for a newcomer at a limit, by port and "
+            "reason (idle: no byte either way for the longest in that scope).",
             ["port", "reason"],
             registry=r,
         )
@@ -100,6 +107,9 @@ class RelayMetrics(RelayObserver):
 
     def connection_refused(self, port: int, reason: Refusal) -> None:
         self.refused.labels(str(port), reason.value).inc()
+
+    def connection_evicted(self, port: int, reason: Eviction) -> None:
+        self.evicted.labels(str(port), reason.value).inc()
 
     def datagram_dropped(self, port: int, reason: DatagramDrop) -> None:
         self.datagrams_dropped.labels(str(port), reason.value).inc()

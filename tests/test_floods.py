@@ -374,7 +374,6 @@ def test_over_the_buffer_budget_the_most_stalled_reader_makes_room(
 # -- 7: distributed slowloris --------------------------------------------------------------------
 
 
-@NOT_YET
 def test_two_thousand_idle_connections_from_eight_sources_never_lock_out_a_real_client(
     pki: Pki, tmp_path: Path
 ) -> None:
@@ -406,7 +405,6 @@ def test_two_thousand_idle_connections_from_eight_sources_never_lock_out_a_real_
     assert growth <= budget
 
 
-@NOT_YET
 def test_a_full_port_makes_room_by_closing_the_connection_idle_longest(
     pki: Pki, tmp_path: Path
 ) -> None:
@@ -422,7 +420,7 @@ def test_a_full_port_makes_room_by_closing_the_connection_idle_longest(
         busy = socket.create_connection(("127.0.0.1", web), timeout=20)
         idle = connect_idle(web, sources(8), 99)
         poll(lambda: relay.metric("atlax_streams_open", agent="home-nas") == 100, 30, "100 open")
-        time.sleep(1.5)  # a connection must be idle a moment before it is the one to go
+        time.sleep(2.5)  # a connection must be idle a moment before it is the one to go
         # `busy` keeps talking while the port fills up and overflows.
         newcomers = []
         for i in range(20):

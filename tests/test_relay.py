@@ -15,12 +15,13 @@ import pytest
 from conftest import ROOT, Pki, free_port, relay_settings, running_relay, spec
 
 from atlax.config import AgentSpec, ServiceSpec
+from atlax.idle import IdleClock, IdleOrder
 from atlax.logs import describe
 from atlax.metrics import RelayMetrics
 from atlax.protocol import ErrorCode, Origin
 from atlax.protocol.frames import FrameDecoder, FrameType
 from atlax.relay import HandshakeFailure, Refusal, Relay
-from atlax.relay.ports import refusal
+from atlax.relay.ports import limits, make_room, refusal
 from atlax.relay.registry import AgentState, PortBinding
 
 pytestmark = pytest.mark.anyio
@@ -96,16 +97,63 @@ async def test_the_first_reason_that_applies_is_the_reason(pki: Pki) -> None:
     assert refusal(_binding(service, None), origin, settings) is Refusal.AGENT_OFFLINE
     draining = _Session(can_open=False)  # after GOAWAY: no new streams
     assert refusal(_binding(service, draining), origin, settings) is Refusal.AGENT_OFFLINE
-    full = _binding(service, _Session())
-    full.connections = 2
-    assert refusal(full, origin, settings) is Refusal.PORT_LIMIT
     busy_source = _binding(service, _Session())
-    busy_source.connections, busy_source.by_source[origin.source] = 1, 1
-    assert refusal(busy_source, origin, settings) is Refusal.SOURCE_LIMIT
+    busy_source.by_source[origin.source] = 1
+    assert refusal(busy_source, origin, settings) is Refusal.SOURCE_LIMIT  # never evicts
     assert refusal(busy_source, _origin("127.0.0.2"), settings) is None
-    assert refusal(_binding(service, _Session(active=5)), origin, settings) is Refusal.AGENT_LIMIT
-    own_limit = _binding(service, _Session(active=3), max_streams=3)
-    assert refusal(own_limit, origin, settings) is Refusal.AGENT_LIMIT
+
+
+async def test_a_full_scope_makes_room_by_its_idlest_connection_or_refuses(pki: Pki) -> None:
+    """Port, then agent, then relay: at a limit the connection idle the longest in that scope
+    goes (if it has been idle EVICT_AFTER_IDLE_TICKS), else the newcomer is refused."""
+    settings = relay_settings(pki, max_streams_per_agent=4, max_public_connections=6)
+    clock = IdleClock()
+    everyone: IdleOrder[str] = IdleOrder(clock)
+    binding = _binding(ServiceSpec(name="web", port=8080, max_connections=2), _Session())
+    binding.idle, binding.state.idle = IdleOrder(clock), IdleOrder(clock)
+    evicted: list[tuple[str, int, Refusal]] = []
+
+    def connect(name: str, *orders: IdleOrder[str]) -> None:
+        for order in orders:
+            order.add(name)
+
+    def evict(victim: str, idle: int, reason: Refusal) -> None:
+        evicted.append((victim, idle, reason))
+        for order in (binding.idle, binding.state.idle, everyone):
+            order.discard(victim)
+
+    def decide() -> Refusal | None:
+        return make_room(limits(binding, settings, everyone), evict)
+
+    for name in ("a", "b"):  # this port: 2 of 2
+        connect(name, binding.idle, binding.state.idle, everyone)
+    assert decide() is Refusal.PORT_LIMIT  # both moved bytes just now
+    clock.advance()
+    clock.advance()
+    for order in (binding.idle, binding.state.idle, everyone):
+        order.touch("a")  # a is busy: b is the idlest
+    assert decide() is None and evicted == [("b", 2, Refusal.PORT_LIMIT)]
+    connect("b2", binding.idle, binding.state.idle, everyone)  # the newcomer
+    binding.service = ServiceSpec(name="web", port=8080)  # no port limit: the agent's next
+    for name in ("c", "d"):  # another port of the agent: 4 of 4
+        connect(name, binding.state.idle, everyone)
+    assert decide() is Refusal.AGENT_LIMIT  # c and d are fresh, a and b2 busy
+    clock.advance()
+    clock.advance()
+    evicted.clear()
+    assert decide() is None and evicted == [("a", 2, Refusal.AGENT_LIMIT)]
+    for name in ("x", "y", "z"):  # other agents: the relay at 6 of 6
+        connect(name, everyone)
+    for name in ("b2", "c", "d"):
+        for order in (binding.idle, binding.state.idle, everyone):
+            order.touch(name)
+    settings = relay_settings(pki, max_streams_per_agent=10, max_public_connections=6)
+    assert decide() is Refusal.RELAY_LIMIT  # all six moved bytes just now
+    clock.advance()
+    clock.advance()
+    everyone.touch("x")
+    evicted.clear()
+    assert decide() is None and evicted == [("y", 2, Refusal.RELAY_LIMIT)]
 
 
 # -- admission -----------------------------------------------------------------------------------

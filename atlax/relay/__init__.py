@@ -11,7 +11,7 @@ observer.py   what the relay reports (the metrics implement it)
 
 from .admission import TUNNEL_SETTINGS, HandshakeFailure
 from .observer import ByteCounter, RelayObserver
-from .ports import Refusal
+from .ports import Eviction, Refusal
 from .registry import AgentRegistry, PortConflictError, PortNotPermittedError
 from .server import Relay
 from .udp import DatagramDrop
@@ -21,6 +21,7 @@ __all__ = [
     "AgentRegistry",
     "ByteCounter",
     "DatagramDrop",
+    "Eviction",
     "HandshakeFailure",
     "PortConflictError",
     "PortNotPermittedError",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..protocol import ConnectionEnd
     from .admission import HandshakeFailure
-    from .ports import Refusal
+    from .ports import Eviction, Refusal
     from .udp import DatagramDrop
 
 
@@ -52,6 +52,9 @@ class RelayObserver:
 
     def connection_refused(self, port: int, reason: Refusal) -> None:
         """A public connection on `port` was closed without reaching an agent."""
+
+    def connection_evicted(self, port: int, reason: Eviction) -> None:
+        """An open public connection on `port` was closed to make room (see `Eviction`)."""
 
     def datagram_dropped(self, port: int, reason: DatagramDrop) -> None:
         """A datagram of an admitted UDP flow on `port` was dropped."""

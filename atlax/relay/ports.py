@@ -4,6 +4,10 @@ A refused client is closed at once with a TCP RST, counted by `Refusal` (whose v
 `atlax_connections_refused_total` labels) and logged at a limited rate. An admitted one becomes
 a stream of its agent's tunnel and from then on lives in socket callbacks, with no task. On a
 port shared by hostname, `routing.py` first reads which service the client wants.
+
+At a service's, an agent's or the relay's connection limit, the connection idle the longest in
+that scope makes room for the newcomer (`atlax_connections_evicted_total`); only if none has
+been idle a moment is the newcomer refused.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -19,14 +24,26 @@ import anyio
 import anyio.abc
 
 from ..config import RelaySettings
+from ..idle import IdleClock, IdleOrder
 from ..logs import RateLimitedLog
 from ..mux import DatagramFlow, MuxStream, StreamObserver, TunnelClosedError
 from ..net import accept_sockets, close_with_reset, origin_of, set_keepalive
 from ..protocol import Origin
 from .observer import RelayObserver
-from .registry import AgentState, PortBinding, PublicPort
+from .registry import PortBinding, PublicPort
 
 log = logging.getLogger("atlax.relay")
+
+
+# A connection must have been idle this many ticks of the idle clock (seconds; >= 1 s once the
+# tick it last moved in is over) before it is closed to make room for a newcomer.
+EVICT_AFTER_IDLE_TICKS = 2
+
+
+class Eviction(StrEnum):
+    """Why a public connection was closed to make room; the values are the metric labels."""
+
+    IDLE = "idle"  # no byte either way for the longest in a full port, agent or relay
 
 
 class Refusal(StrEnum):
@@ -35,12 +52,14 @@ class Refusal(StrEnum):
 
     SOURCE_DENIED = "source_denied", "source address not in the port's allow list"
     AGENT_OFFLINE = "agent_offline", "its agent is offline"
-    PORT_LIMIT = "port_limit", "the port is at its max_connections limit"
     SOURCE_LIMIT = (
         "source_limit",
         "that source address is at max_connections_per_source on this port",
     )
+    # These three refuse only when no connection in their scope has been idle a moment.
+    PORT_LIMIT = "port_limit", "the port is at its max_connections limit"
     AGENT_LIMIT = "agent_limit", "the agent is at its max_streams limit"
+    RELAY_LIMIT = "relay_limit", "the relay is at its max_public_connections limit"
     NO_DATAGRAMS = "agent_no_udp", "its agent does not carry UDP (an agent from before UDP)"
     # A port shared by hostname (routing.py): what the first bytes said, or did not.
     NOT_TLS = "not_tls", "not a TLS ClientHello"
@@ -61,23 +80,45 @@ class Refusal(StrEnum):
 
 
 def refusal(binding: PortBinding, origin: Origin | None, settings: RelaySettings) -> Refusal | None:
-    """Why a new public connection on `binding` must be closed at once, or None to serve it."""
+    """Why a new public connection on `binding` must be closed at once whatever room there is,
+    or None (then `make_room` applies the connection limits)."""
     service = binding.service
     if service.allow and (
         origin is None or not any(_contains(net, origin.source) for net in service.allow)
     ):
         return Refusal.SOURCE_DENIED
-    state = binding.state
-    session = state.session
+    session = binding.state.session
     if session is None or not session.can_open_stream:
         return Refusal.AGENT_OFFLINE
-    if binding.connections >= (service.max_connections or settings.max_connections_per_port):
-        return Refusal.PORT_LIMIT
     per_source = settings.max_connections_per_source
     if origin is not None and binding.by_source.get(origin.source, 0) >= per_source:
-        return Refusal.SOURCE_LIMIT
-    if session.active_streams >= (state.spec.max_streams or settings.max_streams_per_agent):
-        return Refusal.AGENT_LIMIT
+        return Refusal.SOURCE_LIMIT  # that source is the one filling the port: no eviction
+    return None
+
+
+Limit = tuple[IdleOrder[Any], int, Refusal]
+
+
+def limits(binding: PortBinding, settings: RelaySettings, everyone: IdleOrder[Any]) -> list[Limit]:
+    """The connection limits a newcomer on `binding` counts toward, narrowest scope first."""
+    port = binding.service.max_connections or settings.max_connections_per_port
+    agent = binding.state.spec.max_streams or settings.max_streams_per_agent
+    return [
+        (binding.idle, port, Refusal.PORT_LIMIT),
+        (binding.state.idle, agent, Refusal.AGENT_LIMIT),
+        (everyone, settings.max_public_connections, Refusal.RELAY_LIMIT),
+    ]
+
+
+def make_room(scopes: list[Limit], evict: Callable[[Any, int, Refusal], None]) -> Refusal | None:
+    """For each full scope, `evict` its connection idle the longest (at least
+    EVICT_AFTER_IDLE_TICKS); the limit that cannot be made room in, or None."""
+    for order, limit, reason in scopes:
+        while len(order) >= limit:
+            found = order.idlest(EVICT_AFTER_IDLE_TICKS)
+            if found is None:
+                return reason
+            evict(*found, reason)
     return None
 
 
@@ -91,10 +132,12 @@ def _contains(network: ipaddress.IPv4Network | ipaddress.IPv6Network, address: A
 class PublicPorts:
     """Serves the registry's public ports; `serve` is the registry's `serve_port`."""
 
-    def __init__(self, settings: RelaySettings, observer: RelayObserver) -> None:
+    def __init__(self, settings: RelaySettings, observer: RelayObserver, clock: IdleClock) -> None:
         self.settings = settings
         self.observer = observer
         self.task_group: anyio.abc.TaskGroup | None = None  # the relay's, set while it serves
+        self.clock = clock  # of the idle orders; the relay advances it every second
+        self.everyone: IdleOrder[PublicConnection] = IdleOrder(clock)
         self._refusals = RateLimitedLog(log)
         from .routing import Router  # routing.py builds on this module's Refusal and join
 
@@ -139,10 +182,37 @@ class PublicPorts:
             detail or reason.text,
         )
 
+    def admit(self, binding: PortBinding, origin: Origin | None) -> Refusal | None:
+        """The refusal policy, then the connection limits, making room at a full one by
+        closing the connection idle the longest there. Why the newcomer is refused, or None."""
+        return refusal(binding, origin, self.settings) or make_room(
+            limits(binding, self.settings, self.everyone), self._evict
+        )
+
+    def account(
+        self, binding: PortBinding, stream: MuxStream | DatagramFlow, source: Any
+    ) -> PublicConnection:
+        """The observer that counts an admitted connection (or UDP flow) in and out."""
+        return PublicConnection(
+            self.observer, binding, stream, source, self.everyone, self._refusals
+        )
+
+    def _evict(self, victim: PublicConnection, idle: int, reason: Refusal) -> None:
+        port = victim.port
+        self.observer.connection_evicted(port, Eviction.IDLE)
+        self._refusals.warning(
+            f"{port}/evicted",
+            "port %d: closed a connection idle for %ds to make room: %s",
+            port,
+            idle,
+            reason.text,
+        )
+        victim.abort()
+
     def open_stream(self, binding: PortBinding, origin: Origin | None) -> MuxStream | None:
         """A new stream for a client the policy admits; None if refused (counted) or if the
         tunnel just closed."""
-        reason = refusal(binding, origin, self.settings)
+        reason = self.admit(binding, origin)
         if reason is not None:
             self.refuse(binding.service.port, origin, reason)
             return None
@@ -154,7 +224,7 @@ class PublicPorts:
         except TunnelClosedError:
             return None
         source = origin.source if origin is not None else None
-        stream.observer = PublicConnection(self.observer, binding, state, stream, source)
+        stream.observer = self.account(binding, stream, source)
         return stream
 
     async def _join(self, binding: PortBinding, client: socket.socket) -> None:
@@ -175,42 +245,81 @@ class PublicPorts:
 
 class PublicConnection(StreamObserver):
     """Accounting for one public connection (or UDP flow), counted in here and counted out in
-    `closed`: bytes, the agent's stream counters, the port's connections per source."""
+    `closed`: bytes, the agent's stream counters, the port's connections per source, and its
+    place in the idle orders of its service's port, its agent and the relay (reordered at most
+    once a second, on the coarse clock of those orders)."""
 
-    __slots__ = ("_binding", "_bytes", "_observer", "_service", "_source", "_state", "_stream")
+    __slots__ = (
+        "_active",
+        "_binding",
+        "_bytes",
+        "_clock",
+        "_log",
+        "_observer",
+        "_orders",
+        "_service",
+        "_source",
+        "_state",
+        "_stream",
+    )
 
     def __init__(
         self,
         observer: RelayObserver,
         binding: PortBinding,
-        state: AgentState,
         stream: MuxStream | DatagramFlow,
         source: Any,
+        everyone: IdleOrder[PublicConnection],
+        rate_limited: RateLimitedLog,
     ) -> None:
+        state = binding.state
         self._observer = observer
         self._binding = binding
         self._state = state
         self._stream = stream
         self._source = source
+        self._log = rate_limited
+        self._clock = everyone.clock
+        self._active = self._clock.now
+        self._orders = (binding.idle, state.idle, everyone)
         self._service = binding.service.name
         self._bytes = observer.stream_opened(state.name, self._service)
         state.streams_total += 1
         binding.connections += 1
-        binding.streams.add(stream)
         binding.by_source[source] = binding.by_source.get(source, 0) + 1
+        for order in self._orders:
+            order.add(self)
+
+    @property
+    def port(self) -> int:
+        return self._binding.service.port
 
     def sent(self, n: int) -> None:
         self._state.bytes_to_agent += n
         self._bytes.to_agent += n
+        if self._active != self._clock.now:
+            self._touch()
 
     def received(self, n: int) -> None:
         self._state.bytes_from_agent += n
         self._bytes.from_agent += n
+        if self._active != self._clock.now:
+            self._touch()
+
+    def _touch(self) -> None:
+        self._active = self._clock.now
+        for order in self._orders:
+            order.touch(self)
+
+    def abort(self) -> None:
+        """Close it now: RST to the client (for TCP), RESET to the agent."""
+        self._stream.abort()
 
     def closed(self, ok: bool) -> None:
         binding = self._binding
         binding.connections -= 1
-        binding.streams.discard(self._stream)
+        for order in self._orders:
+            order.discard(self)
         left = binding.by_source[self._source] - 1
         if left:
             binding.by_source[self._source] = left

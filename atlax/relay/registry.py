@@ -20,9 +20,10 @@ from typing import Any
 import anyio
 
 from ..config import AgentSpec, PortKey, ServiceSpec
+from ..idle import IdleClock, IdleOrder
 from ..isotime import iso_utc
 from ..logs import describe
-from ..mux import DatagramFlow, MuxSession, MuxStream
+from ..mux import MuxSession
 from ..net import close_listener, listen_sockets
 from ..protocol import ErrorCode
 from ..sniff import HostnameTable
@@ -47,6 +48,8 @@ class AgentState:
     """What the relay knows of one configured agent (the registry entry)."""
 
     spec: AgentSpec
+    # Its open public connections, least recently active first (the registry's clock).
+    idle: IdleOrder[Any] = field(default_factory=lambda: IdleOrder(IdleClock()))
     session: MuxSession | None = None
     # Every live tunnel of this agent (the current one and any still draining): its key pin.
     tunnels: dict[MuxSession, str | None] = field(default_factory=dict)
@@ -112,7 +115,8 @@ class PortBinding:
 
     state: AgentState
     service: ServiceSpec
-    streams: set[MuxStream | DatagramFlow] = field(default_factory=set)
+    # Its open connections (PublicConnection), least recently active first.
+    idle: IdleOrder[Any] = field(default_factory=lambda: IdleOrder(IdleClock()))
     connections: int = 0
     by_source: dict[Any, int] = field(default_factory=dict)  # open connections per client IP
 
@@ -122,8 +126,8 @@ class PortBinding:
 
     def close(self) -> None:
         """Drop the service's open connections."""
-        for stream in list(self.streams):
-            stream.abort()
+        for connection in self.idle:
+            connection.abort()
 
 
 @dataclass(eq=False)
@@ -186,7 +190,7 @@ class PublicPort:
         for service in services:
             binding = kept.get(service.name)
             if binding is None:
-                binding = PortBinding(state, service)
+                binding = PortBinding(state, service, IdleOrder(state.idle.clock))
                 self.bindings.append(binding)
             binding.service = service
             for hostname in service.hostnames:
@@ -222,8 +226,14 @@ class PublicPort:
 class AgentRegistry:
     """Agents and their public ports. `serve_port` starts serving a newly opened port."""
 
-    def __init__(self, public_host: str, serve_port: Callable[[PublicPort], None]) -> None:
+    def __init__(
+        self,
+        public_host: str,
+        serve_port: Callable[[PublicPort], None],
+        clock: IdleClock | None = None,
+    ) -> None:
         self.public_host = public_host
+        self.clock = clock or IdleClock()  # of the idle orders; the relay advances it
         self._serve_port = serve_port
         self._agents: dict[str, AgentState] = {}
         self._ports: dict[PortKey, PublicPort] = {}
@@ -303,7 +313,7 @@ class AgentRegistry:
             changed = state is None or state.spec != spec
             ports = ", ".join(str(k) for k in sorted(wanted))
             if state is None:
-                state = self._agents[spec.name] = AgentState(spec)
+                state = self._agents[spec.name] = AgentState(spec, IdleOrder(self.clock))
                 log.info("agent %r configured with ports %s", spec.name, ports)
             elif changed:
                 log.info("agent %r updated: ports %s", spec.name, ports)

@@ -16,6 +16,7 @@ import anyio.abc
 
 from .. import heap
 from ..config import AgentSpec, RelaySettings
+from ..idle import IdleClock
 from ..net import accept_sockets, close_listener, format_address, listen_sockets, local_address
 from ..protocol import ErrorCode
 from ..tls import TLSConfigError, file_fingerprint, relay_context
@@ -54,8 +55,9 @@ class Relay:
         self.observer = observer or RelayObserver()
         self.tls_wait = tls_wait
         self.tls_check_interval = tls_check_interval
-        self.ports = PublicPorts(settings, self.observer)
-        self.registry = AgentRegistry(settings.public_host, self.ports.serve)
+        self.clock = IdleClock()  # of the idle orders: advanced every second while serving
+        self.ports = PublicPorts(settings, self.observer, self.clock)
+        self.registry = AgentRegistry(settings.public_host, self.ports.serve, self.clock)
         self.admission = Admission(settings, self.registry, self.observer)
         self._initial = tuple(agents)
         self._tg: anyio.abc.TaskGroup | None = None
@@ -86,6 +88,7 @@ class Relay:
                     tg.start_soon(accept_sockets, sock, self.admission.admit)
                 tg.start_soon(self._watch_tls_files)
                 tg.start_soon(self._trim_heap_after_bursts)
+                tg.start_soon(self._tick)
                 self.ready.set()
                 task_status.started()
         finally:
@@ -127,6 +130,11 @@ class Relay:
                 continue
             seen = current
             log.info("reloaded the relay certificate and CA from disk")
+
+    async def _tick(self) -> None:
+        while True:
+            await anyio.sleep(1.0)
+            self.clock.advance()
 
     async def _trim_heap_after_bursts(self) -> None:
         """Give the heap back after a burst of traffic, or of TLS handshakes (each allocates

@@ -23,7 +23,7 @@ import anyio
 from ..flows import FlowTable
 from ..mux import DatagramFlow, TunnelClosedError
 from ..protocol import Origin
-from .ports import PublicConnection, Refusal, refusal
+from .ports import Refusal
 from .registry import PublicPort
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class UdpPort:
     def _open(self, transport: asyncio.DatagramTransport, address: Address) -> DatagramFlow | None:
         binding = self.public.bindings[0]
         origin = _origin(address, transport.get_extra_info("sockname"))
-        reason = refusal(binding, origin, self.ports.settings)
+        reason = self.ports.admit(binding, origin)
         session = binding.state.session
         if reason is None and session is not None and not session.datagrams:
             reason = Refusal.NO_DATAGRAMS
@@ -96,7 +96,7 @@ class UdpPort:
         except TunnelClosedError:
             return None
         source = origin.source if origin is not None else None
-        flow.observer = PublicConnection(self.ports.observer, binding, binding.state, flow, source)
+        flow.observer = self.ports.account(binding, flow, source)
 
         def deliver(datagram: bytes) -> None:
             backlog = cast(asyncio.WriteTransport, transport).get_write_buffer_size()
