@@ -293,6 +293,7 @@ class RelaySettings(_Keepalive):
     max_streams_per_agent: int = Field(strict=True, default=16384, ge=1)
     max_connections_per_port: int = Field(strict=True, default=16384, ge=1)
     max_public_connections: int = Field(strict=True, default=65536, ge=1)
+    max_buffered_bytes: int = Field(strict=True, default=256 << 20, ge=1 << 20)
     max_connections_per_source: int = Field(strict=True, default=256, ge=1)
     drain_timeout: float = Field(strict=True, default=30.0, ge=0)
 

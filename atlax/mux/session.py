@@ -21,6 +21,7 @@ from typing import Protocol, cast
 import anyio
 import anyio.abc
 
+from ..budget import BufferBudget
 from ..logs import describe
 from ..protocol import (
     Connection,
@@ -90,8 +91,14 @@ class MuxSession(asyncio.BufferedProtocol):
         name: str = "tunnel",
         clock: Callable[[], float] = time.monotonic,
         loop: TimerLoop | None = None,
+        budget: BufferBudget[MuxStream] | None = None,
+        window_limit: int = 0,
     ) -> None:
         self.name = name
+        # The relay's: bytes held for sockets, bounded relay-wide; receive windows grow from
+        # settings.initial_window up to window_limit for sockets that keep up (MuxStream).
+        self.budget = budget
+        self.window_limit = window_limit
         self.clock = clock
         self.conn = Connection(role, settings, keepalive=keepalive, now=clock())
         self.scheduler: ReadScheduler[MuxStream] = ReadScheduler()

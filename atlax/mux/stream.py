@@ -19,6 +19,7 @@ import asyncio
 import enum
 import fcntl
 import struct
+import sys
 import termios
 from typing import TYPE_CHECKING, cast
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .session import MuxSession
 
 _INT = struct.Struct("i")
+_SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 
 
 class StreamState(enum.Enum):
@@ -66,6 +68,9 @@ class StreamObserver:
     def closed(self, ok: bool) -> None:
         """The stream ended: cleanly (both sides sent EOF) or not."""
 
+    def evicted(self) -> None:
+        """The stream is being closed to give the relay's buffer budget back."""
+
 
 _NO_OBSERVER = StreamObserver()
 
@@ -77,6 +82,8 @@ class MuxStream(asyncio.Protocol):
     __slots__ = (
         "_acked",
         "_backlog",
+        "_drain_tick",
+        "_grown_at",
         "_pending",
         "_session",
         "_transport",
@@ -111,6 +118,8 @@ class MuxStream(asyncio.Protocol):
         self._written = 0  # bytes handed to the socket's transport
         self._acked = 0  # of those, credited back to the peer
         self._backlog: memoryview | None = None  # read from the socket, waiting for credit
+        self._grown_at = 0  # bytes drained when the receive window last grew
+        self._drain_tick = -1  # the budget clock's tick of the last drain
 
     @property
     def buffered(self) -> int:
@@ -126,6 +135,11 @@ class MuxStream(asyncio.Protocol):
     def reset(self, error_code: int = ErrorCode.CANCEL) -> None:
         """End the stream now with `error_code` (RESET on the wire), RST to the socket if any."""
         self._close(error_code)
+
+    def evict(self) -> None:
+        """Closed to give the relay's buffer budget back (the observer is told first)."""
+        self.observer.evicted()
+        self._close(ErrorCode.CANCEL)
 
     # -- asyncio Protocol --------------------------------------------------------------------
 
@@ -229,8 +243,13 @@ class MuxStream(asyncio.Protocol):
         n = len(data)
         self.observer.received(n)
         transport.write(data)
+        budget = self._session.budget
+        if budget is not None:
+            budget.hold(self, n, first=self._written == self._acked)
         self._written += n
         self._credit()
+        if budget is not None and budget.held > budget.limit:
+            budget.enforce()
 
     def _feed_eof(self) -> None:
         """The peer's FIN."""
@@ -305,14 +324,52 @@ class MuxStream(asyncio.Protocol):
             self._transport.close()
 
     def _credit(self) -> None:
-        """Return credit for what left the socket's buffer (bounded memory per stream)."""
+        """Return credit for what left the socket's buffer (bounded memory per stream).
+
+        With a budget (the relay), the window starts small and doubles, up to the session's
+        window limit, each time a whole window went through to a client that keeps up: nothing
+        left waiting in the relay, less than half a window in the kernel's send queue (a socket
+        that "took everything" may only have queued it for a client that does not read)."""
         transport = self._transport
         assert transport is not None
         drained = self._written - transport.get_write_buffer_size()
-        if drained > self._acked:
-            self._session.conn.acknowledge_received_data(self.stream_id, drained - self._acked)
-            self._acked = drained
+        if drained <= self._acked:
+            return
+        session = self._session
+        budget = session.budget
+        grow = 0
+        if budget is not None:
+            left = self._written - drained
+            tick = budget.clock.now
+            budget.drained(self, drained - self._acked, left=left, touch=tick != self._drain_tick)
+            self._drain_tick = tick
+            if not left and budget.room_to_grow:
+                window = session.conn.receive_window(self.stream_id)
+                if (
+                    window < session.window_limit
+                    and drained - self._grown_at >= window
+                    and self._kernel_queue() < window // 2
+                ):
+                    grow = min(window, session.window_limit - window)
+                    self._grown_at = drained
+        session.conn.acknowledge_received_data(self.stream_id, drained - self._acked, grow)
+        self._acked = drained
+
+    def _kernel_queue(self) -> int:
+        """Bytes the kernel holds in the socket's send queue (Linux SIOCOUTQ; 0 elsewhere)."""
+        transport = self._transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or _SIOCOUTQ is None:
+            return 0
+        try:
+            return int(_INT.unpack(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, bytes(4)))[0])
+        except (OSError, ValueError):
+            return 0
 
     def _end(self, *, ok: bool) -> None:
+        budget = self._session.budget
+        if budget is not None and self._written > self._acked:
+            budget.release(self, self._written - self._acked)  # dropped with the socket
+            self._acked = self._written
         observer, self.observer = self.observer, _NO_OBSERVER  # no cycle left behind
         observer.closed(ok)

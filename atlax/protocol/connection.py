@@ -98,6 +98,11 @@ class Connection:
     def max_outbound_frame(self) -> int:
         return self.peer_settings.max_frame_size if self.peer_settings else 16_384
 
+    def receive_window(self, stream_id: int) -> int:
+        """The stream's receive window now (0 for a stream that is gone)."""
+        stream = self._streams.get(stream_id)
+        return 0 if stream is None else stream.recv.size
+
     def buffered_receive(self, stream_id: int) -> int:
         """Bytes received on the stream and not yet granted back (at most its window)."""
         stream = self._streams.get(stream_id)
@@ -171,11 +176,14 @@ class Connection:
         self._emit(encode_frame(FrameType.RESET, 0, stream_id, wire.encode_u32(error_code)))
         self._forget(stream_id)
 
-    def acknowledge_received_data(self, stream_id: int, length: int) -> None:
-        """The application consumed `length` bytes of the stream; maybe grant more credit."""
+    def acknowledge_received_data(self, stream_id: int, length: int, grow: int = 0) -> None:
+        """The application consumed `length` bytes of the stream; maybe grant more credit.
+        `grow` raises the stream's window by that much as well (granted at once)."""
         stream = self._streams.get(stream_id)
         if stream is None or self.state is _CLOSED:
             return
+        if grow:
+            stream.recv.grow(grow)
         increment = stream.recv.consumed(length)
         if increment and not stream.remote_closed:
             self._emit(

@@ -33,6 +33,14 @@ class ReceiveWindow:
             )
         self._available -= length
 
+    def grow(self, extra: int) -> None:
+        """Raise the window by `extra` (the receiver decided this stream may have more in
+        flight); the credit goes out with the next update, which this makes due at once."""
+        if extra < 0 or self.size + extra > MAX_WINDOW:
+            raise LocalProtocolError(f"cannot grow a window of {self.size} by {extra}")
+        self.size += extra
+        self._consumed += extra
+
     def consumed(self, length: int) -> int:
         """Record `length` bytes handed to the application; return the increment to send (or 0)."""
         if length < 0:

@@ -26,10 +26,11 @@ from typing import cast
 import anyio
 import anyio.abc
 
+from ..budget import BufferBudget
 from ..config import RelaySettings
 from ..handshakes import HandshakeGate, Verdict, source_of
 from ..logs import RateLimitedLog, describe
-from ..mux import MuxSession
+from ..mux import MuxSession, MuxStream
 from ..net import close_with_reset, peer_address
 from ..pins import PinError, pin_of_certificate
 from ..protocol import (
@@ -48,8 +49,14 @@ from .registry import AgentRegistry, AgentState
 
 log = logging.getLogger("atlax.relay")
 
+# A stream's window toward the relay starts here and doubles up to STREAM_WINDOW_MAX while its
+# client keeps up (MuxStream._credit): a client that never reads holds only the start.
+STREAM_WINDOW_START = 64 * 1024
+STREAM_WINDOW_MAX = 1 << 20
 # The relay opens streams and never accepts them from agents: MAX_STREAMS 0.
-TUNNEL_SETTINGS = Settings(initial_window=1 << 20, max_frame_size=256 * 1024, max_streams=0)
+TUNNEL_SETTINGS = Settings(
+    initial_window=STREAM_WINDOW_START, max_frame_size=256 * 1024, max_streams=0
+)
 
 
 class HandshakeFailure(StrEnum):
@@ -86,11 +93,16 @@ class Admission:
     """Admits agents; `admit` is the agent port's accept handler."""
 
     def __init__(
-        self, settings: RelaySettings, registry: AgentRegistry, observer: RelayObserver
+        self,
+        settings: RelaySettings,
+        registry: AgentRegistry,
+        observer: RelayObserver,
+        budget: BufferBudget[MuxStream] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.observer = observer
+        self.budget = budget  # relay-wide, for bytes held for slow public clients
         self.context: ssl.SSLContext | None = None  # the relay's, replaced when files change
         self.task_group: anyio.abc.TaskGroup | None = None  # the relay's, set while it serves
         self.shutting_down = False
@@ -194,6 +206,8 @@ class Admission:
             settings=TUNNEL_SETTINGS,
             keepalive=KeepaliveConfig(s.keepalive_interval, s.keepalive_timeout),
             name=f"agent {state.name!r}",
+            budget=self.budget,
+            window_limit=STREAM_WINDOW_MAX,
         )
         transport.set_protocol(session)
         session.connection_made(transport)

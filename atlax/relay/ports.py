@@ -44,6 +44,7 @@ class Eviction(StrEnum):
     """Why a public connection was closed to make room; the values are the metric labels."""
 
     IDLE = "idle"  # no byte either way for the longest in a full port, agent or relay
+    BUFFER_BUDGET = "buffer_budget"  # its client took no byte for the longest, over the budget
 
 
 class Refusal(StrEnum):
@@ -314,6 +315,17 @@ class PublicConnection(StreamObserver):
     def abort(self) -> None:
         """Close it now: RST to the client (for TCP), RESET to the agent."""
         self._stream.abort()
+
+    def evicted(self) -> None:
+        """The relay holds more than max_buffered_bytes: this one's client read slowest."""
+        port = self.port
+        self._observer.connection_evicted(port, Eviction.BUFFER_BUDGET)
+        self._log.warning(
+            "budget",
+            "port %d: closed a connection whose client took no byte for the longest: the relay "
+            "holds max_buffered_bytes for slow readers",
+            port,
+        )
 
     def closed(self, ok: bool) -> None:
         binding = self._binding

@@ -15,8 +15,10 @@ import anyio
 import anyio.abc
 
 from .. import heap
+from ..budget import BufferBudget
 from ..config import AgentSpec, RelaySettings
 from ..idle import IdleClock
+from ..mux import MuxStream
 from ..net import accept_sockets, close_listener, format_address, listen_sockets, local_address
 from ..protocol import ErrorCode
 from ..tls import TLSConfigError, file_fingerprint, relay_context
@@ -58,7 +60,8 @@ class Relay:
         self.clock = IdleClock()  # of the idle orders: advanced every second while serving
         self.ports = PublicPorts(settings, self.observer, self.clock)
         self.registry = AgentRegistry(settings.public_host, self.ports.serve, self.clock)
-        self.admission = Admission(settings, self.registry, self.observer)
+        self.budget: BufferBudget[MuxStream] = BufferBudget(settings.max_buffered_bytes, self.clock)
+        self.admission = Admission(settings, self.registry, self.observer, self.budget)
         self._initial = tuple(agents)
         self._tg: anyio.abc.TaskGroup | None = None
         self._listeners: list[socket.socket] = []
