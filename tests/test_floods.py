@@ -38,9 +38,6 @@ from procs import (
     steady,
 )
 
-# Issue 13 items not fixed yet: each test states the defended behaviour and fails today.
-NOT_YET = pytest.mark.xfail(strict=True, reason="issue 13: not defended yet")
-
 
 @pytest.fixture(autouse=True)
 def _many_files() -> None:
@@ -234,7 +231,6 @@ class StalledLink:
             close_all(self._socks)
 
 
-@NOT_YET
 def test_streams_that_connect_while_the_tunnel_is_full_do_not_read(
     pki: Pki, tmp_path: Path
 ) -> None:
@@ -257,8 +253,10 @@ def test_streams_that_connect_while_the_tunnel_is_full_do_not_read(
         payload = os.urandom(256 * 1024)
         clients: list[socket.socket] = []
         with RssSampler(relay.pid) as rss:
-            for _ in range(400):
-                client = socket.create_connection(("127.0.0.1", web))
+            for i in range(400):
+                client = socket.create_connection(
+                    ("127.0.0.1", web), source_address=(sources(4)[i % 4], 0)
+                )
                 client.setblocking(False)
                 try:
                     client.send(payload)  # as much as the socket takes now

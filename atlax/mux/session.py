@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Protocol, cast
@@ -23,6 +24,7 @@ import anyio.abc
 
 from ..budget import BufferBudget
 from ..logs import describe
+from ..net import close_with_reset
 from ..protocol import (
     Connection,
     ConnectionEnd,
@@ -109,6 +111,8 @@ class MuxSession(asyncio.BufferedProtocol):
         self._streams: dict[int, MuxStream] = {}
         self._flows: dict[int, DatagramFlow] = {}  # UDP flows (datagram streams)
         self._unhandled: list[MuxStream | DatagramFlow] = []  # accepted before run() started
+        # Accepted sockets whose streams wait for the tunnel to drain before they are joined.
+        self._parked: list[tuple[MuxStream, socket.socket]] = []
         self._loop = loop
         self._timer: TimerHandle | None = None
         self._timer_at = 0.0
@@ -188,6 +192,17 @@ class MuxSession(asyncio.BufferedProtocol):
         peer = self.conn.peer_settings
         return peer is not None and peer.datagrams
 
+    async def join(self, stream: MuxStream, sock: socket.socket) -> None:
+        """Join `sock` to `stream` now, or, while the tunnel's buffer is over its high-water
+        mark, once it drains. A socket joined to a full tunnel would be read at once: uvloop
+        starts reading after `connection_made` whatever the protocol asked there, so each
+        connection arriving at a full tunnel would add one read (up to 256 KiB) to a buffer
+        already over its mark. Parked, its bytes wait in the kernel."""
+        if self.scheduler.paused or self._tg is None:
+            self._parked.append((stream, sock))  # joined on resume_writing (or run())
+            return
+        await stream.join(sock)
+
     def close(self, error_code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
         """GOAWAY. NO_ERROR lets open streams finish; anything else ends the session now."""
         self.conn.close(error_code, message)
@@ -204,6 +219,7 @@ class MuxSession(asyncio.BufferedProtocol):
                 unhandled, self._unhandled = self._unhandled, []
                 for stream in unhandled:
                     tg.start_soon(self._run_handler, stream)
+                self._join_parked()
                 await self._closed.wait()
                 tg.cancel_scope.cancel()
         finally:
@@ -289,8 +305,21 @@ class MuxSession(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.scheduler.resume()
+        self._join_parked()
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _join_parked(self) -> None:
+        if self._parked and self._tg is not None and not self.scheduler.paused:
+            parked, self._parked = self._parked, []
+            self._tg.start_soon(self._join_all, parked)
+
+    async def _join_all(self, parked: list[tuple[MuxStream, socket.socket]]) -> None:
+        for i, (stream, sock) in enumerate(parked):
+            if self.scheduler.paused:  # full again: the rest wait for the next resume
+                self._parked[:0] = parked[i:]
+                return
+            await stream.join(sock)
 
     def _sync(self) -> None:
         """After a local action: write what it queued; end the session if the core closed."""
@@ -316,6 +345,9 @@ class MuxSession(asyncio.BufferedProtocol):
         self._flows.clear()
         for flow in flows:
             flow._close(ErrorCode.CANCEL)
+        parked, self._parked = self._parked, []
+        for _, sock in parked:
+            close_with_reset(sock)
         end = self.conn.end
         if end is not None and end.reason in _LOGGED:
             log.warning("%s: %s", self.name, end)

@@ -18,16 +18,20 @@ from __future__ import annotations
 import asyncio
 import enum
 import fcntl
+import logging
+import socket
 import struct
 import sys
 import termios
 from typing import TYPE_CHECKING, cast
 
-from ..net import abort_transport
+from ..net import abort_transport, close_with_reset
 from ..protocol import ErrorCode, LocalProtocolError, Origin
 
 if TYPE_CHECKING:
     from .session import MuxSession
+
+log = logging.getLogger("atlax.mux")
 
 _INT = struct.Struct("i")
 _SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
@@ -127,6 +131,20 @@ class MuxStream(asyncio.Protocol):
         if self._transport is not None:
             return self._written - self._acked
         return sum(len(chunk) for chunk in self._pending or ())
+
+    async def join(self, sock: socket.socket) -> None:
+        """Make the stream the protocol of an accepted socket: from then on bytes move between
+        them in callbacks. A socket that is gone, or a stream that ended meanwhile, is reset."""
+        if self.state is _CLOSED:
+            close_with_reset(sock)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: self, sock)
+        except (OSError, ValueError) as exc:
+            log.debug("%s: socket gone before it was joined: %s", self._session.name, exc)
+            self.abort()
+            close_with_reset(sock)
 
     def abort(self) -> None:
         """End the stream now: RESET(CANCEL) to the peer, RST to the socket if any."""

@@ -12,7 +12,6 @@ been idle a moment is the newcomer refused.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import socket
@@ -235,13 +234,9 @@ class PublicPorts:
             close_with_reset(client)
             return
         set_keepalive(client)  # clients that vanish without FIN or RST are reaped
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.connect_accepted_socket(lambda: stream, client)
-        except (OSError, ValueError) as exc:
-            log.debug("port %d: client gone before it was joined: %s", binding.service.port, exc)
-            stream.abort()
-            close_with_reset(client)
+        session = binding.state.session
+        assert session is not None
+        await session.join(stream, client)  # at once, or when a full tunnel has drained
 
 
 class PublicConnection(StreamObserver):
