@@ -2,7 +2,8 @@
 
 The agent alone decides where streams go: the relay names a service, and only services listed
 in the agent's own configuration are reachable. Certificates are read from disk on every
-connection attempt, and a change on disk makes the agent reconnect with the new files.
+connection attempt, and a change on disk makes the agent dial a tunnel with the new files
+before it lets the old one go (make before break).
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ TUNNEL_SETTINGS = Settings(
 SOCKET_BACKLOG = 256 * 1024
 # A tunnel that stayed up this long counts as healthy: the next reconnect starts a fresh backoff.
 HEALTHY_AFTER = 10.0
-CERT_CHECK_INTERVAL = 30.0
 # A connect with no answer after this long gets a fresh one beside it (see `dial`).
 REDIAL_AFTER = 2.0
 # After the relay said it is going away (a restart: rollout, `kubectl delete pod`), the backoff
@@ -72,11 +72,11 @@ class Agent:
         settings: AgentSettings,
         services: Mapping[str, HostPort | ServiceTarget],  # a HostPort is a TCP service
         *,
-        cert_check_interval: float = CERT_CHECK_INTERVAL,
+        cert_check_interval: float | None = None,
     ) -> None:
         self.settings = settings
         self.services = dict(services)
-        self.cert_check_interval = cert_check_interval
+        self.cert_check_interval = cert_check_interval or settings.cert_check_interval
         self.session: MuxSession | None = None
         self.connected = anyio.Event()  # set on every successful connect, replaced on loss
         self.connects = 0
@@ -113,13 +113,56 @@ class Agent:
         log.warning("tunnel to %s down: %s; retrying in %.1fs", self.settings.relay, exc, delay)
 
     async def _connect_once(self) -> None:
-        """Connect, serve until the tunnel ends. Raises TunnelDownError unless it was healthy."""
+        """Connect, serve until the tunnel ends. Raises TunnelDownError unless it was healthy.
+
+        Certificate files that change on disk are a renewal, made before the old tunnel is
+        broken: a new tunnel is dialled with them while the old one serves on; once the relay
+        has the new one (it then sends new streams there and drains the old one), the old one
+        is left to finish its open streams, for at most `drain_timeout`. If the new tunnel
+        fails (say the relay does not accept the new key yet), the old one simply stays."""
+        session, fingerprint = await self._dial()
+        started = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._serve, session)
+            while await self._renewed(session, fingerprint):
+                try:
+                    new, renewed = await self._dial()
+                    with anyio.fail_after(self.settings.connect_timeout):
+                        await new.wait_ready()
+                except (TunnelDownError, TunnelClosedError, TimeoutError) as exc:
+                    log.warning(
+                        "certificate files changed, but a tunnel with them failed (%s); the "
+                        "current tunnel stays up and the new files are tried again in %gs",
+                        exc or "timed out",
+                        self.cert_check_interval,
+                    )
+                    continue
+                tg.start_soon(self._serve, new)
+                tg.start_soon(self._drain, session)
+                session, fingerprint, started = new, renewed, anyio.current_time()
+            tg.cancel_scope.cancel()  # the current tunnel ended: any draining one goes with it
+        end = session.end
+        reason = self._reason(end)
+        self.last_error = reason
+        goaway = end.code if end is not None and end.reason is EndReason.PEER_GOAWAY else None
+        if goaway == ErrorCode.NO_ERROR:
+            # The relay is going away (a rollout, a deleted pod): it is back in seconds.
+            self._restart_until = anyio.current_time() + RESTART_WINDOW
+        refused = goaway is not None and goaway != ErrorCode.NO_ERROR
+        if not refused and anyio.current_time() - started >= HEALTHY_AFTER:
+            log.warning("tunnel to %s ended: %s", self.settings.relay, reason)
+            return
+        raise TunnelDownError(reason)
+
+    async def _dial(self) -> tuple[MuxSession, str]:
+        """A TLS connection to the relay with the certificate files as they are now, and their
+        fingerprint. Raises TunnelDownError saying why not."""
         s = self.settings
+        fingerprint = file_fingerprint(s.cert, s.key, s.ca)
         try:
             context = agent_context(s.ca, s.cert, s.key)
         except TLSConfigError as exc:
             raise TunnelDownError(str(exc)) from None
-        fingerprint = file_fingerprint(s.cert, s.key, s.ca)
         server_name = s.server_name or s.relay.host
         session = MuxSession(
             Role.CLIENT,
@@ -148,7 +191,10 @@ class Agent:
         if tls is None or tls.selected_alpn_protocol() != ALPN:
             transport.abort()
             raise TunnelDownError(f"relay did not negotiate ALPN {ALPN}")
-        started = anyio.current_time()
+        return session, fingerprint
+
+    async def _serve(self, session: MuxSession) -> None:
+        """Run one tunnel; it is the agent's current one from its SETTINGS until it ends."""
         async with anyio.create_task_group() as tg:
 
             async def announce() -> None:
@@ -159,35 +205,39 @@ class Agent:
                 self.session = session
                 self.connects += 1
                 self.connected.set()
-                log.info("tunnel up to %s", s.relay)
+                log.info("tunnel up to %s", self.settings.relay)
 
-            async def watch_certificates() -> None:
-                while True:
-                    await anyio.sleep(self.cert_check_interval)
-                    if file_fingerprint(s.cert, s.key, s.ca) != fingerprint:
-                        log.info("certificate files changed on disk; reconnecting with them")
-                        session.close(ErrorCode.NO_ERROR, "agent certificate renewed")
-                        return
+            try:
+                tg.start_soon(announce)
+                await session.run()
+                tg.cancel_scope.cancel()
+            finally:
+                if self.session is session:  # the current tunnel ended: say why, then that
+                    self.last_error = self._reason(session.end)
+                    self.session = None
+                    self.connected = anyio.Event()
 
-            tg.start_soon(announce)
-            tg.start_soon(watch_certificates)
-            await session.run()
-            tg.cancel_scope.cancel()
-        if self.session is session:
-            self.session = None
-            self.connected = anyio.Event()
-        end = session.end
-        reason = self._reason(end)
-        self.last_error = reason
-        goaway = end.code if end is not None and end.reason is EndReason.PEER_GOAWAY else None
-        if goaway == ErrorCode.NO_ERROR:
-            # The relay is going away (a rollout, a deleted pod): it is back in seconds.
-            self._restart_until = anyio.current_time() + RESTART_WINDOW
-        refused = goaway is not None and goaway != ErrorCode.NO_ERROR
-        if not refused and anyio.current_time() - started >= HEALTHY_AFTER:
-            log.warning("tunnel to %s ended: %s", s.relay, reason)
+    async def _renewed(self, session: MuxSession, fingerprint: str) -> bool:
+        """True once the certificate files differ from `fingerprint`; False when `session`
+        has ended first."""
+        s = self.settings
+        while True:
+            with anyio.move_on_after(self.cert_check_interval):
+                await session.wait_closed()
+                return False
+            if file_fingerprint(s.cert, s.key, s.ca) != fingerprint:
+                log.info("certificate files changed on disk: dialling a tunnel with them")
+                return True
+
+    async def _drain(self, session: MuxSession) -> None:
+        """A replaced tunnel finishes its open streams, for at most drain_timeout."""
+        grace = self.settings.drain_timeout
+        session.close(ErrorCode.NO_ERROR, "agent certificate renewed")
+        with anyio.move_on_after(grace):
+            await session.wait_closed()
             return
-        raise TunnelDownError(reason)
+        log.info("the replaced tunnel still had streams after %gs: closing them", grace)
+        session.close(ErrorCode.CANCEL, f"not drained within {grace:g}s of a renewal")
 
     @staticmethod
     def _reason(end: ConnectionEnd | None) -> str:

@@ -324,6 +324,10 @@ class AgentSettings(_Keepalive):
     backoff_initial: float = Field(strict=True, default=0.5, gt=0)
     backoff_cap: float = Field(strict=True, default=30.0, gt=0)
     connect_timeout: float = Field(strict=True, default=10.0, gt=0)
+    # How often the certificate files are checked for a renewal, and how long a tunnel replaced
+    # by a renewal may finish its open streams.
+    cert_check_interval: float = Field(strict=True, default=30.0, gt=0)
+    drain_timeout: float = Field(strict=True, default=30.0, ge=0)
 
     @model_validator(mode="after")
     def _backoff_order(self) -> AgentSettings:

@@ -35,7 +35,6 @@ from procs import (
 )
 from test_operator import apply, tunnel_agent
 
-NOT_YET = pytest.mark.xfail(strict=True, reason="issue 13: not defended yet")
 stack = test_operator.stack  # the operator's stack fixture: relay and operator processes
 PIN = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -187,7 +186,6 @@ def test_pins_pushed_through_the_control_api_revoke_a_live_tunnel(pki: Pki, tmp_
 # -- make-before-break renewal -------------------------------------------------------------------
 
 
-@NOT_YET
 def test_renewal_dials_the_new_tunnel_before_the_old_one_drains(pki: Pki, tmp_path: Path) -> None:
     """The agent's certificate files are replaced while one idle long-lived stream is open: new
     connections keep being served throughout (the new tunnel is up before the old one goes), the
