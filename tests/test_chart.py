@@ -570,3 +570,20 @@ def test_uninstall_hook_revokes_every_tunnel_agent_and_removes_the_ca(
     assert not json.loads(cp.kubectl("get", "tunnelagents", "-n", ns, "-o", "json").stdout)["items"]
     secrets = cp.kubectl("get", "secrets", "-n", ns, "-o", "name").stdout.split()
     assert secrets == ["secret/unrelated"]
+
+
+def test_the_charts_relay_toml_is_what_the_relay_reads(tmp_path: Path) -> None:
+    """The rendered relay.toml passes the relay's own (strict) config loader, and its limits
+    are the values'."""
+    from atlax.config import load_relay_config
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render()}
+    config = tmp_path / "relay.toml"
+    config.write_text(docs[("ConfigMap", "atlax")]["data"]["relay.toml"])
+    relay = load_relay_config(config).relay
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["relay"]
+    assert relay.max_agents == values["maxAgents"]
+    assert relay.max_buffered_bytes == values["maxBufferedBytes"]
+    assert relay.max_handshakes == values["maxHandshakes"]
+    assert relay.max_public_connections == values["maxPublicConnections"]
+    assert str(relay.control_socket) == "/run/atlax/control/relay/control.sock"
