@@ -37,20 +37,20 @@ class BufferBudget(Generic[H]):
         """Windows may grow while the relay holds less than half its budget."""
         return self.held * 2 < self.limit
 
-    def hold(self, holder: H, n: int, *, first: bool) -> None:
-        """`holder` took `n` more bytes to hold (`first`: it held none before)."""
-        self.held += n
-        if first:
-            self._holders.add(holder)
+    # `held` itself is added to and taken from by the holders, as a plain int on the data path;
+    # the calls below happen only when a holder starts or stops holding, or once per tick.
 
-    def drained(self, holder: H, n: int, *, left: int, touch: bool) -> None:
-        """`n` of the holder's bytes left for its socket; `left` remain; `touch`: the first
-        drain in this tick of the clock (drains reorder at most once per tick)."""
-        self.held -= n
-        if not left:
-            self._holders.discard(holder)
-        elif touch:
-            self._holders.touch(holder)
+    def holding(self, holder: H) -> None:
+        """`holder` holds bytes now (it held none)."""
+        self._holders.add(holder)
+
+    def drained(self, holder: H) -> None:
+        """Some of the holder's bytes left for its socket (at most once per clock tick)."""
+        self._holders.touch(holder)
+
+    def emptied(self, holder: H) -> None:
+        """The holder holds nothing any more."""
+        self._holders.discard(holder)
 
     def release(self, holder: H, n: int) -> None:
         """The holder is gone with `n` bytes it still held."""

@@ -14,12 +14,18 @@ class Holder:
         self.evicted = False
 
     def take(self, n: int) -> None:
-        self.budget.hold(self, n, first=self.held == 0)
+        self.budget.held += n
+        if not self.held:
+            self.budget.holding(self)
         self.held += n
 
     def drain(self, n: int) -> None:
+        self.budget.held -= n
         self.held -= n
-        self.budget.drained(self, n, left=self.held, touch=True)
+        if self.held:
+            self.budget.drained(self)
+        else:
+            self.budget.emptied(self)
 
     def evict(self) -> None:
         self.evicted = True

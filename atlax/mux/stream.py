@@ -87,7 +87,7 @@ class MuxStream(asyncio.Protocol):
         "_acked",
         "_backlog",
         "_drain_tick",
-        "_grown_at",
+        "_grow_at",
         "_pending",
         "_session",
         "_transport",
@@ -122,8 +122,8 @@ class MuxStream(asyncio.Protocol):
         self._written = 0  # bytes handed to the socket's transport
         self._acked = 0  # of those, credited back to the peer
         self._backlog: memoryview | None = None  # read from the socket, waiting for credit
-        self._grown_at = 0  # bytes drained when the receive window last grew
-        self._drain_tick = -1  # the budget clock's tick of the last drain
+        self._grow_at = 0  # bytes drained at which the window may grow next (0: not yet known)
+        self._drain_tick = -1  # holding bytes in the budget: the clock's tick of the last drain
 
     @property
     def buffered(self) -> int:
@@ -261,12 +261,17 @@ class MuxStream(asyncio.Protocol):
         n = len(data)
         self.observer.received(n)
         transport.write(data)
-        budget = self._session.budget
-        if budget is not None:
-            budget.hold(self, n, first=self._written == self._acked)
         self._written += n
+        budget = self._session.budget
+        if budget is None:
+            self._credit()
+            return
+        budget.held += n
         self._credit()
-        if budget is not None and budget.held > budget.limit:
+        if self._written > self._acked and self._drain_tick < 0:  # holds bytes from now on
+            self._drain_tick = budget.clock.now
+            budget.holding(self)
+        if budget.held > budget.limit:
             budget.enforce()
 
     def _feed_eof(self) -> None:
@@ -357,19 +362,25 @@ class MuxStream(asyncio.Protocol):
         budget = session.budget
         grow = 0
         if budget is not None:
+            budget.held -= drained - self._acked
             left = self._written - drained
-            tick = budget.clock.now
-            budget.drained(self, drained - self._acked, left=left, touch=tick != self._drain_tick)
-            self._drain_tick = tick
-            if not left and budget.room_to_grow:
+            if self._drain_tick >= 0:  # it was holding: reorder at most once per tick
+                if not left:
+                    self._drain_tick = -1
+                    budget.emptied(self)
+                elif budget.clock.now != self._drain_tick:
+                    self._drain_tick = budget.clock.now
+                    budget.drained(self)
+            if not left and drained >= self._grow_at:  # a whole window went through
                 window = session.conn.receive_window(self.stream_id)
                 if (
-                    window < session.window_limit
-                    and drained - self._grown_at >= window
+                    self._grow_at
+                    and window < session.window_limit
+                    and budget.room_to_grow
                     and self._kernel_queue() < window // 2
                 ):
                     grow = min(window, session.window_limit - window)
-                    self._grown_at = drained
+                self._grow_at = drained + window + grow
         session.conn.acknowledge_received_data(self.stream_id, drained - self._acked, grow)
         self._acked = drained
 
@@ -389,5 +400,6 @@ class MuxStream(asyncio.Protocol):
         if budget is not None and self._written > self._acked:
             budget.release(self, self._written - self._acked)  # dropped with the socket
             self._acked = self._written
+            self._drain_tick = -1
         observer, self.observer = self.observer, _NO_OBSERVER  # no cycle left behind
         observer.closed(ok)
