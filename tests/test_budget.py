@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
+import anyio
+import anyio.abc
+import pytest
+from conftest import (
+    Pki,
+    agent_settings,
+    free_port,
+    relay_settings,
+    running_agent,
+    running_relay,
+    spec,
+    tcp_service,
+    wait_until,
+)
+
+from atlax.agent import Agent
 from atlax.budget import BufferBudget
 from atlax.idle import IdleClock
+from atlax.relay import Relay
+from atlax.relay.admission import STREAM_WINDOW_MAX, STREAM_WINDOW_START
 
 
 class Holder:
@@ -63,3 +83,51 @@ def test_drained_holders_leave_the_order_and_growth_needs_half_the_budget_free()
     a.drain(60)
     budget.held += 200  # no holder left to evict: enforce gives up instead of spinning
     assert budget.enforce() == 0
+
+
+# -- windows through a real relay ----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_reader_that_keeps_up_grows_its_window_and_a_stalled_one_does_not(
+    pki: Pki,
+) -> None:
+    """A client that downloads as fast as it can takes its stream's window from 64 KiB to
+    1 MiB; a client that never reads keeps the 64 KiB it started with."""
+    size = 64 << 20
+
+    async def source(stream: anyio.abc.SocketStream) -> None:
+        block = os.urandom(1 << 20)
+        async with stream:
+            try:
+                for _ in range(size >> 20):
+                    await stream.send(block)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+
+    port = free_port()
+    settings = relay_settings(pki)
+    relay = Relay(settings, [spec("home-nas", dl=port)])
+    async with (
+        tcp_service(source) as src,
+        running_relay(relay),
+        running_agent(Agent(agent_settings(pki, settings), {"dl": src})),
+    ):
+        state = relay.registry.get("home-nas")
+        assert state is not None and state.session is not None
+        session = state.session
+
+        def windows() -> list[int]:
+            return [session.conn.receive_window(s.stream_id) for s in session.streams]
+
+        async with await anyio.connect_tcp("127.0.0.1", port):  # never reads
+            await wait_until(lambda: bool(windows()), 10)
+            [stalled_id] = [s.stream_id for s in session.streams]
+            async with await anyio.connect_tcp("127.0.0.1", port) as reader:
+                seen, got = 0, 0
+                with anyio.fail_after(120):
+                    while got < size:
+                        got += len(await reader.receive(1 << 20))
+                        seen = max([seen, *windows()])
+            assert seen == STREAM_WINDOW_MAX
+            assert session.conn.receive_window(stalled_id) == STREAM_WINDOW_START
