@@ -59,7 +59,10 @@ class Lab:
     def __init__(self, workdir: Path) -> None:
         self.dir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.relay: subprocess.Popen[bytes] | None = None
+        self.relay_argv: list[str] = []
         self.relay_pid = 0
+        self.agent_port = 0
         self.metrics_port = 0
 
     def __enter__(self) -> Lab:
@@ -74,7 +77,7 @@ class Lab:
             proc.wait()
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.dir / f"{name}.log").open("wb")
+        log = (self.dir / f"{name}.log").open("ab")  # a restarted process appends
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
@@ -133,20 +136,19 @@ class Lab:
             "max_streams_per_agent = 20000\n"
             f'[[agents]]\nname = "bench"\nservices = [ {services} ]\n'
         )
-        relay = self._spawn(
+        self.relay_argv = [
+            sys.executable,
+            "-c",
+            LIMITED,
+            "--log-level",
+            "warning",
             "relay",
-            [
-                sys.executable,
-                "-c",
-                LIMITED,
-                "--log-level",
-                "warning",
-                "relay",
-                "--config",
-                str(config),
-            ],
-        )
-        self.relay_pid = relay.pid
+            "--config",
+            str(config),
+        ]
+        self.relay = self._spawn("relay", self.relay_argv)
+        self.relay_pid = self.relay.pid
+        self.agent_port = agent_port
         argv = [
             sys.executable,
             "-c",
@@ -170,6 +172,17 @@ class Lab:
         self._spawn("agent", argv)
         self._wait_echo(public.echo, "the Atlax tunnel")
         return public
+
+    def kill_relay(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Stop the Atlax relay (the agent keeps running) and wait until it has exited."""
+        assert self.relay is not None, "start the Atlax path first"
+        self.relay.send_signal(sig)
+        self.relay.wait(60)
+
+    def restart_relay(self) -> None:
+        """Start the relay again with the same configuration (same ports, same CA)."""
+        self.relay = self._spawn("relay", self.relay_argv)
+        self.relay_pid = self.relay.pid
 
     def relay_rss_mb(self) -> float:
         text = Path(f"/proc/{self.relay_pid}/status").read_text()
