@@ -1,0 +1,198 @@
+"""The agent pool's decisions (atlax/pool_policy.py) on a fake clock: no sockets, no sleeping."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from atlax.pool_policy import Failure, PoolConfig, TunnelPoolPolicy, Verdict
+
+A, B, C, D = 0x2A5F01C3, 0x11111111, 0x22222222, 0x33333333
+CONFIG = PoolConfig()
+
+
+def policy(now: float = 0.0, seed: int = 1) -> TunnelPoolPolicy:
+    return TunnelPoolPolicy(CONFIG, random.Random(seed), now)
+
+
+def join(p: TunnelPoolPolicy, instance: int | None, size: int | None, now: float) -> None:
+    assert p.verdict(instance, size, now) is Verdict.JOIN
+    p.joined(instance, size, now)
+
+
+def delay(p: TunnelPoolPolicy, now: float) -> float:
+    return p.next_dial_at() - now
+
+
+def test_the_first_dial_is_due_at_once() -> None:
+    assert policy(now=5.0).next_dial_at() == 5.0
+
+
+def test_it_joins_distinct_instances_up_to_the_advertised_count() -> None:
+    p = policy()
+    join(p, A, 3, 0.0)
+    assert p.target == 3 and 0.1 <= delay(p, 0.0) <= 0.3
+    assert p.verdict(A, 3, 0.5) is Verdict.DUPLICATE
+    p.duplicate(0.5)
+    assert 0.15 <= delay(p, 0.5) <= 0.45  # one duplicate: the pace slows by 1.5
+    join(p, B, 3, 1.0)
+    join(p, C, 3, 1.5)
+    assert sorted(p.instances()) == sorted([A, B, C])
+    assert 24.0 <= delay(p, 1.5) <= 36.0  # whole: one probe every probe_interval +-20 %
+    assert p.verdict(D, 3, 40.0) is Verdict.DUPLICATE  # a fourth is one too many
+    p.duplicate(40.0)
+    assert 24.0 <= delay(p, 40.0) <= 36.0
+
+
+def test_duplicates_in_a_row_slow_the_pace_up_to_the_probe_interval() -> None:
+    p = policy()
+    join(p, A, 3, 0.0)
+    delays = []
+    for i in range(20):
+        assert p.verdict(A, 3, float(i)) is Verdict.DUPLICATE
+        p.duplicate(float(i))
+        delays.append(delay(p, float(i)))
+    assert all(0.1 * 1.5 ** (k + 1) <= d <= 0.3 * 1.5 ** (k + 1) for k, d in enumerate(delays[:8]))
+    assert max(delays) <= CONFIG.probe_interval and delays[-1] == CONFIG.probe_interval
+    join(p, B, 3, 30.0)  # a new instance resets the pace
+    assert 0.1 <= delay(p, 30.0) <= 0.3
+
+
+def test_a_relay_without_instances_is_a_cluster_of_one_and_never_probed() -> None:
+    p = policy()
+    join(p, None, None, 0.0)
+    assert p.target == 1 and p.next_dial_at() == math.inf
+    assert p.verdict(None, None, 1.0) is Verdict.DUPLICATE
+
+
+def test_refusals_back_off_exponentially_with_full_jitter_up_to_the_cap() -> None:
+    p = policy()
+    ceilings = []
+    for n in range(1, 12):
+        p.dial_failed(Failure.REFUSED, 0.0)
+        ceiling = min(CONFIG.backoff_cap, CONFIG.backoff_initial * 2 ** (n - 1))
+        assert 0.0 <= delay(p, 0.0) <= ceiling
+        ceilings.append(ceiling)
+    assert ceilings[-1] == CONFIG.backoff_cap
+
+
+def test_a_lost_healthy_tunnel_is_retried_at_a_short_pace_through_a_long_outage() -> None:
+    """The relay restarts: refused for 60 s, yet every retry comes within 1.5 s of the last."""
+    p = policy()
+    join(p, A, 1, 0.0)
+    p.lost(A, up_for=100.0, now=100.0)
+    assert 0.0 <= delay(p, 100.0) <= CONFIG.first_retry
+    now = p.next_dial_at()
+    while now < 160.0:
+        p.dial_failed(Failure.NETWORK, now)
+        assert 0.5 <= delay(p, now) <= 1.5
+        now = p.next_dial_at()
+    join(p, D, 1, now)  # the restarted relay is a new instance
+    assert p.instances() == [D]
+
+
+def test_after_the_fast_window_and_for_refusals_the_backoff_returns() -> None:
+    p = policy()
+    join(p, A, 1, 0.0)
+    p.lost(A, up_for=100.0, now=100.0)
+    p.dial_failed(Failure.REFUSED, 100.5)  # the relay answers but refuses: not hammered
+    assert 0.0 <= delay(p, 100.5) <= CONFIG.backoff_initial * 2
+    upper = []
+    for i in range(8):
+        now = 100.0 + CONFIG.fast_retry_window + 1 + i
+        p.dial_failed(Failure.NETWORK, now)
+        upper.append(delay(p, now))
+    assert max(upper) > 1.5  # growing again
+    assert all(d <= CONFIG.backoff_cap for d in upper)
+
+
+def test_a_tunnel_that_fell_over_at_once_counts_as_a_failure() -> None:
+    p = policy()
+    join(p, A, 1, 0.0)
+    for _ in range(6):
+        p.dial_failed(Failure.NETWORK, 1.0)
+    p.lost(A, up_for=1.0, now=2.0)
+    assert delay(p, 2.0) <= CONFIG.backoff_cap
+    assert p.held == 0
+
+
+def test_a_lost_instance_is_sought_at_the_fast_pace_even_among_duplicates() -> None:
+    p = policy()
+    for i, instance in enumerate((A, B, C)):
+        join(p, instance, 3, float(i))
+    p.lost(C, up_for=60.0, now=60.0)
+    now = p.next_dial_at()
+    for _ in range(15):  # the load balancer keeps answering with the two left
+        assert p.verdict(A, 3, now) is Verdict.DUPLICATE
+        p.duplicate(now)
+        assert 0.5 <= delay(p, now) <= 1.5
+        now = p.next_dial_at()
+    join(p, D, 3, now)
+    assert 24.0 <= delay(p, now) <= 36.0
+
+
+def test_a_larger_count_raises_the_target_and_dials_soon() -> None:
+    p = policy()
+    join(p, A, 1, 0.0)
+    assert delay(p, 0.0) >= 24.0
+    p.cluster(A, 3, 5.0)
+    assert p.target == 3 and delay(p, 5.0) <= 0.3
+    # A probe that lands on a new instance advertising more joins it at once.
+    q = policy()
+    join(q, A, 1, 0.0)
+    assert q.verdict(B, 2, 30.0) is Verdict.JOIN
+
+
+def test_an_instance_still_advertising_more_is_dropped_after_the_grace() -> None:
+    p = policy()
+    for instance in (A, B, C):
+        join(p, instance, 3, 0.0)
+    p.cluster(A, 2, 10.0)  # the count shrank; C was not told (it left, or froze)
+    p.cluster(B, 2, 10.5)
+    assert p.target == 2
+    assert p.stale(15.0) == []
+    assert p.next_check_at() == 10.0 + CONFIG.stale_grace
+    assert p.stale(20.0) == [C]
+    p.released(C, 20.0)
+    assert sorted(p.instances()) == sorted([A, B]) and p.stale(100.0) == []
+    assert delay(p, 20.0) >= 24.0  # whole again: no dialling for a third
+
+
+def test_a_smaller_advertisement_never_drops_a_tunnel() -> None:
+    """Scale-up: A and B still advertise 2 while C (new) advertises 3: all three are kept."""
+    p = policy()
+    join(p, A, 2, 0.0)
+    join(p, B, 2, 0.0)
+    join(p, C, 3, 1.0)
+    assert p.target == 3 and p.stale(1000.0) == []
+
+
+def test_when_every_instance_agrees_on_fewer_nothing_is_guessed() -> None:
+    p = policy()
+    for instance in (A, B, C):
+        join(p, instance, 3, 0.0)
+    for instance in (A, B, C):
+        p.cluster(instance, 2, 5.0)
+    assert p.target == 2 and p.stale(1000.0) == [] and p.held == 3
+
+
+def test_renewal_replaces_each_instance_one_dial_at_a_time() -> None:
+    p = policy()
+    join(p, A, 2, 0.0)
+    join(p, B, 2, 0.0)
+    p.retire_all(50.0)
+    assert p.next_dial_at() == 50.0
+    assert p.verdict(A, 2, 50.0) is Verdict.REPLACE
+    p.joined(A, 2, 50.0)
+    assert delay(p, 50.0) <= 0.3  # B still retires: keep dialling
+    assert p.verdict(A, 2, 50.3) is Verdict.DUPLICATE  # A already has its new tunnel
+    p.duplicate(50.3)
+    assert p.verdict(B, 2, 51.0) is Verdict.REPLACE
+    p.joined(B, 2, 51.0)
+    assert delay(p, 51.0) >= 24.0 and p.held == 2
+
+
+def test_the_target_is_capped_by_max_tunnels() -> None:
+    p = policy()
+    join(p, A, 1000, 0.0)
+    assert p.target == CONFIG.max_tunnels
