@@ -13,7 +13,17 @@ from pathlib import Path
 def test_outage_measurement_reports_the_first_served_connection(tmp_path: Path) -> None:
     out = tmp_path / "outage.json"
     result = subprocess.run(
-        [sys.executable, "-m", "atlax.bench.outage", "--down", "1", "--json", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "atlax.bench.outage",
+            "--down",
+            "1",
+            "--settle",
+            "0",
+            "--json",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=240,

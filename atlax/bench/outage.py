@@ -3,7 +3,8 @@
 How long a relay restart keeps public connections from being served, with real processes: a relay,
 an agent with its default reconnect settings, and an echo service on 127.0.0.1. For each downtime,
 the relay is stopped, left down that long and started again with the same configuration; a client
-probes the public port every 20 ms. Printed per run: how long the relay took to listen again, the
+probes the public port every 20 ms. Before each stop the tunnel has been up for `--settle` seconds
+(longer than the agent's 10 s for a healthy tunnel), as a relay that had served a while. Printed per run: how long the relay took to listen again, the
 outage from its return to the first connection served (the figure that reconnect behaviour
 decides), and the agent's reconnect delays from its log. Nothing is asserted: it measures.
 """
@@ -41,7 +42,10 @@ def probe(port: int) -> str:
         return "reset"
 
 
-def one_outage(lab: Lab, port: int, down: float, sig: signal.Signals) -> dict[str, Any]:
+def one_outage(
+    lab: Lab, port: int, down: float, sig: signal.Signals, settle: float
+) -> dict[str, Any]:
+    time.sleep(settle)
     agent_log = lab.dir / "agent.log"
     offset = agent_log.stat().st_size
     killed = time.monotonic()
@@ -73,7 +77,7 @@ def one_outage(lab: Lab, port: int, down: float, sig: signal.Signals) -> dict[st
     raise BenchError(f"no connection served within {GIVE_UP:g}s of the relay's restart")
 
 
-def run(downs: list[float], sig: signal.Signals, log: Any) -> list[dict[str, Any]]:
+def run(downs: list[float], sig: signal.Signals, settle: float, log: Any) -> list[dict[str, Any]]:
     results = []
     with tempfile.TemporaryDirectory(prefix="atlax-outage-") as tmp, Lab(Path(tmp)) as lab:
         service = lab.services()
@@ -81,7 +85,7 @@ def run(downs: list[float], sig: signal.Signals, log: Any) -> list[dict[str, Any
         public = lab.atlax(service)
         for down in downs:
             log(f"relay down for {down:g}s ({sig.name}) ...")
-            results.append(one_outage(lab, public.echo, down, sig))
+            results.append(one_outage(lab, public.echo, down, sig, settle))
     return results
 
 
@@ -116,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["KILL", "TERM"],
         help="how the relay is stopped: KILL (a crash) or TERM (a drain); default KILL",
     )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="how long the tunnel is up before each stop (default 15)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -123,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
-        results = run(args.down, signal.Signals[f"SIG{args.signal}"], log)
+        results = run(args.down, signal.Signals[f"SIG{args.signal}"], args.settle, log)
     except BenchError as exc:
         print(f"atlax.bench.outage: error: {exc}", file=sys.stderr)
         return 1
