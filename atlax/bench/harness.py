@@ -38,6 +38,22 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, NOFILE), hard))
 
 
+def bench_pki(pki: Path) -> Path:
+    """A throwaway CA in `pki`, the relay's certificate (localhost, 127.0.0.1) and agent `bench`'s."""
+    from datetime import timedelta
+
+    from atlax import certs
+
+    ca = certs.create_ca("bench CA")
+    certs.write_ca(ca, pki)
+    relay = certs.issue_server_certificate(
+        ca, "relay", ["localhost", "127.0.0.1"], timedelta(days=1)
+    )
+    certs.write_pair(relay, pki, "relay")
+    certs.write_pair(certs.issue_client_certificate(ca, "bench", timedelta(days=1)), pki, "bench")
+    return pki
+
+
 @dataclass(frozen=True)
 class Ports:
     sink: int
@@ -76,7 +92,7 @@ class Lab:
                 pass
             proc.wait()
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = (self.dir / f"{name}.log").open("ab")  # a restarted process appends
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
@@ -101,23 +117,7 @@ class Lab:
     # -- Atlax ---------------------------------------------------------------------------------
 
     def atlax(self, service: Ports) -> Ports:
-        from datetime import timedelta
-
-        from atlax import certs
-
-        pki = self.dir / "pki"
-        ca = certs.create_ca("bench CA")
-        certs.write_ca(ca, pki)
-        certs.write_pair(
-            certs.issue_server_certificate(
-                ca, "relay", ["localhost", "127.0.0.1"], timedelta(days=1)
-            ),
-            pki,
-            "relay",
-        )
-        certs.write_pair(
-            certs.issue_client_certificate(ca, "bench", timedelta(days=1)), pki, "bench"
-        )
+        pki = bench_pki(self.dir / "pki")
         public = Ports(free_port(), free_port(), free_port(), free_port(), free_port(), free_port())
         agent_port, self.metrics_port = free_port(), free_port()
         services = ", ".join(
@@ -146,7 +146,7 @@ class Lab:
             "--config",
             str(config),
         ]
-        self.relay = self._spawn("relay", self.relay_argv)
+        self.relay = self.spawn("relay", self.relay_argv)
         self.relay_pid = self.relay.pid
         self.agent_port = agent_port
         argv = [
@@ -169,7 +169,7 @@ class Lab:
             argv += ["--service", f"{name}=127.0.0.1:{getattr(service, name)}"]
         argv += ["--service", f"sni=127.0.0.1:{service.echo}"]
         argv += ["--service", f"udp=127.0.0.1:{service.udp}/udp"]
-        self._spawn("agent", argv)
+        self.spawn("agent", argv)
         self._wait_echo(public.echo, "the Atlax tunnel")
         return public
 
@@ -181,7 +181,7 @@ class Lab:
 
     def restart_relay(self) -> None:
         """Start the relay again with the same configuration (same ports, same CA)."""
-        self.relay = self._spawn("relay", self.relay_argv)
+        self.relay = self.spawn("relay", self.relay_argv)
         self.relay_pid = self.relay.pid
 
     def relay_rss_mb(self) -> float:
@@ -219,7 +219,7 @@ class Lab:
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
             "AllowTcpForwarding yes\nLogLevel ERROR\nMaxStartups 100\n"
         )
-        self._spawn("sshd", [sshd, "-D", "-e", "-f", str(d / "sshd_config")])
+        self.spawn("sshd", [sshd, "-D", "-e", "-f", str(d / "sshd_config")])
         self._wait_port(port, "sshd")
         public = Ports(free_port(), free_port(), free_port(), free_port())
         argv = [
@@ -243,7 +243,7 @@ class Lab:
         ]
         for name in ("sink", "echo", "hold", "source"):
             argv += ["-R", f"127.0.0.1:{getattr(public, name)}:127.0.0.1:{getattr(service, name)}"]
-        self._spawn("ssh", [*argv, f"{os.environ.get('USER', 'root')}@127.0.0.1"])
+        self.spawn("ssh", [*argv, f"{os.environ.get('USER', 'root')}@127.0.0.1"])
         self._wait_echo(public.echo, "the ssh -R tunnel")
         return public
 
