@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from atlax.metrics_merge import merge_expositions
+from atlax.supervisor.metrics import merge_expositions
 
 
 class Bytes(Collector):

@@ -13,10 +13,11 @@ import anyio
 import pytest
 from conftest import Pki, relay_settings, spec
 
-from atlax.control import ControlClient
+from atlax.control.client import ControlClient
 from atlax.demo import free_port
-from atlax.relay import PortConflictError, Relay
-from atlax.supervisor import FanOutRegistry, merge_agent, merge_agents
+from atlax.relay import PortConflictError
+from atlax.relay_main import RelayMain
+from atlax.supervisor.fanout import FanOutRegistry, merge_agent, merge_agents
 
 pytestmark = pytest.mark.anyio
 
@@ -33,7 +34,7 @@ def listening(host: str, port: int) -> bool:
 async def workers(pki: Pki, tmp_path: Path) -> AsyncIterator[FanOutRegistry]:
     paths = [tmp_path / "run" / f"worker-{i}.sock" for i in range(len(HOSTS))]
     relays = [
-        Relay(relay_settings(pki, public_host=host, control_socket=path))
+        RelayMain(relay_settings(pki, public_host=host, control_socket=path))
         for host, path in zip(HOSTS, paths, strict=True)
     ]
     async with anyio.create_task_group() as tg:

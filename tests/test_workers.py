@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from atlax.workers import Worker, WorkerSet, new_instance_id
+from atlax.supervisor.workers import Worker, WorkerSet, new_instance_id
 
 pytestmark = pytest.mark.anyio
 

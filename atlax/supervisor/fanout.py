@@ -1,5 +1,5 @@
 """The supervisor's registry: one desired state, applied to every worker through its private
-control socket (docs/high-availability.md, section 3). Moves to atlax/relay/ with the restructuring.
+control socket (docs/high-availability.md, section 3).
 
 `apply_agent` and `remove_agent` reach every ready worker at once and succeed only if all applied
 the change; when one refuses, the workers that applied it are given the previous state back and
@@ -16,9 +16,9 @@ from typing import Any
 
 import anyio
 
-from .config import AgentSpec
-from .control import ControlClient, ControlSocketError
-from .relay import PortConflictError
+from ..config import AgentSpec
+from ..control.client import ControlClient, ControlSocketError
+from ..relay.registry import PortConflictError
 
 log = logging.getLogger("atlax.supervisor")
 
