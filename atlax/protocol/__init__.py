@@ -3,6 +3,7 @@
 from .connection import Connection, Role
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError, error_name
 from .events import (
+    ClusterSizeChanged,
     ConnectionTerminated,
     DataReceived,
     Event,
@@ -12,6 +13,7 @@ from .events import (
     StreamEnded,
     StreamOpened,
     StreamReset,
+    TunnelJoined,
     WindowUpdated,
 )
 from .frames import ALPN, Frame, FrameDecoder, FrameType, Origin, Settings
@@ -20,6 +22,7 @@ from .state import ConnectionEnd, ConnectionState, EndReason
 
 __all__ = [
     "ALPN",
+    "ClusterSizeChanged",
     "Connection",
     "ConnectionEnd",
     "ConnectionState",
@@ -44,6 +47,7 @@ __all__ = [
     "StreamEnded",
     "StreamOpened",
     "StreamReset",
+    "TunnelJoined",
     "WindowUpdated",
     "error_name",
 ]

@@ -59,6 +59,11 @@ class Connection:
         self._goaway_sent = False
         self._last_received = now
         self._ignored = IgnoredFrames(now)
+        # Cluster extension (docs/protocol.md): a relay opens no stream to a pool agent before
+        # its JOIN; the cluster size is the one announced last.
+        self._awaiting_join = False
+        self._joined = False
+        self.cluster_size = self.local_settings.cluster_size
 
     # -- inspection --------------------------------------------------------------------------
 
@@ -80,9 +85,30 @@ class Connection:
         return self._keepalive.last_rtt
 
     @property
+    def cluster_extension(self) -> bool:
+        """Both sides announced the cluster extension: CLUSTER and JOIN exist here."""
+        peer = self.peer_settings
+        if peer is None:
+            return False
+        if self.role is Role.CLIENT:
+            return self.local_settings.tunnel_pool and peer.instance_id != 0
+        return self.local_settings.instance_id != 0 and peer.tunnel_pool
+
+    @property
+    def joined(self) -> bool:
+        """JOIN was sent (agent) or received (relay) on this connection."""
+        return self._joined
+
+    @property
+    def awaiting_join(self) -> bool:
+        """A relay's connection to a pool agent that has not sent JOIN yet: no streams."""
+        return self._awaiting_join
+
+    @property
     def can_open_stream(self) -> bool:
         return (
             self.state is ConnectionState.OPEN
+            and not self._awaiting_join
             and self.peer_settings is not None
             and self._table.local_open < self.peer_settings.max_streams
             and self._table.ids_left
@@ -198,6 +224,30 @@ class Connection:
         if payload is not None:
             self._emit(encode_frame(FrameType.PING, 0, 0, payload))
 
+    def join(self) -> None:
+        """Agent: keep this tunnel as the one to the relay's instance (JOIN), once."""
+        if self.role is not Role.CLIENT or not self.cluster_extension:
+            raise LocalProtocolError("JOIN needs the cluster extension, on the agent's side")
+        if self._joined or self.state is not ConnectionState.OPEN:
+            raise LocalProtocolError(f"cannot JOIN now ({self.state.value}, joined={self._joined})")
+        assert self.peer_settings is not None
+        self._joined = True
+        payload = wire.encode_u32(self.peer_settings.instance_id)
+        self._emit(encode_frame(FrameType.JOIN, 0, 0, payload))
+
+    def announce_cluster(self, size: int) -> bool:
+        """Relay: the instances it expects changed; tell a pool agent (CLUSTER). True if sent
+        (an agent without the extension, or a connection that is over, is not told)."""
+        if not 1 <= size <= wire.MAX_CLUSTER_SIZE:
+            raise LocalProtocolError(f"cluster size {size} out of range 1..{wire.MAX_CLUSTER_SIZE}")
+        if self.role is not Role.SERVER:
+            raise LocalProtocolError("only a relay announces its cluster size")
+        self.cluster_size = size
+        if not self.cluster_extension or self.state is _CLOSED:
+            return False
+        self._emit(encode_frame(FrameType.CLUSTER, 0, 0, wire.encode_u32(size)))
+        return True
+
     def close(self, error_code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
         """Send GOAWAY. With NO_ERROR existing streams may finish; else the connection is over."""
         self._goaway(error_code, message, ConnectionEnd(EndReason.LOCAL_CLOSE, error_code, message))
@@ -292,6 +342,7 @@ class Connection:
         if frame.type is not FrameType.SETTINGS:
             raise RemoteProtocolError(f"first frame must be SETTINGS, got {frame.type.name}")
         self.peer_settings = wire.decode_settings(frame.payload)
+        self._awaiting_join = self.role is Role.SERVER and self.cluster_extension
         self._transition(ConnectionInput.SETTINGS_RECEIVED)
         events.append(ev.SettingsReceived(self.peer_settings))
 
@@ -403,6 +454,43 @@ class Connection:
             ev.StreamReset(frame.stream_id, ErrorCode.parse(decode_u32(frame.payload)), True)
         )
 
+    def _on_cluster(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
+        size = self._extension_u32(frame, Role.CLIENT)
+        if not 1 <= size <= wire.MAX_CLUSTER_SIZE:
+            raise RemoteProtocolError(
+                f"CLUSTER size {size} out of range 1..{wire.MAX_CLUSTER_SIZE}"
+            )
+        events.append(ev.ClusterSizeChanged(size))
+
+    def _on_join(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
+        instance = self._extension_u32(frame, Role.SERVER)
+        own = self.local_settings.instance_id
+        if instance != own:
+            raise RemoteProtocolError(f"JOIN for instance {instance:08x}, but this is {own:08x}")
+        if self._joined:
+            raise RemoteProtocolError("a second JOIN on the same tunnel")
+        self._joined = True
+        self._awaiting_join = False
+        events.append(ev.TunnelJoined(instance))
+
+    def _extension_u32(self, frame: Frame, receiver: Role) -> int:
+        """The u32 payload of a cluster-extension frame, after every check the decoder left to
+        the connection: the frame exists only on a connection that negotiated the extension and
+        only toward `receiver` (else it is an unknown type, as for any peer that never announced
+        it), on stream 0, with 4 bytes."""
+        if self.role is not receiver or not self.cluster_extension:
+            raise RemoteProtocolError(f"unknown frame type 0x{int(frame.type):x}")
+        if frame.stream_id != 0:
+            raise RemoteProtocolError(
+                f"{frame.type.name} frame is not allowed on stream {frame.stream_id}"
+            )
+        if len(frame.payload) != 4:
+            raise RemoteProtocolError(
+                f"{frame.type.name} payload must be 4 bytes, got {len(frame.payload)}",
+                ErrorCode.FRAME_SIZE_ERROR,
+            )
+        return decode_u32(frame.payload)
+
     # -- helpers -----------------------------------------------------------------------------
 
     def _forget(self, stream_id: int) -> None:
@@ -443,6 +531,8 @@ _HANDLERS = {
     FrameType.PING: Connection._on_ping,
     FrameType.GOAWAY: Connection._on_goaway,
     FrameType.SETTINGS: Connection._on_settings,
+    FrameType.CLUSTER: Connection._on_cluster,
+    FrameType.JOIN: Connection._on_join,
 }
 
 __all__ = ["Connection", "Role"]

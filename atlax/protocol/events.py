@@ -78,3 +78,17 @@ class ConnectionTerminated(Event):
 
     error_code: int
     message: str
+
+
+@dataclass(slots=True)
+class ClusterSizeChanged(Event):
+    """The relay instance at the other end now expects `size` instances (CLUSTER)."""
+
+    size: int
+
+
+@dataclass(slots=True)
+class TunnelJoined(Event):
+    """The agent keeps this tunnel as its tunnel to this instance (JOIN): streams may open."""
+
+    instance_id: int

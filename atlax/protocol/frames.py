@@ -37,6 +37,10 @@ class FrameType(enum.IntEnum):
     PING = 0x4
     GOAWAY = 0x5
     SETTINGS = 0x6
+    # The cluster extension's frames: they exist only where the receiver announced the extension
+    # in its SETTINGS (the connection checks that, and everything else about them).
+    CLUSTER = 0x7  # relay -> agent: u32 cluster size
+    JOIN = 0x8  # agent -> relay: u32 instance id of the relay
 
 
 class Flag(enum.IntFlag):
@@ -49,6 +53,9 @@ class SettingId(enum.IntEnum):
     MAX_FRAME_SIZE = 0x2
     MAX_STREAMS = 0x3
     DATAGRAMS = 0x4  # sent only when 1, so older peers see the SETTINGS they always saw
+    INSTANCE_ID = 0x5  # relay: its instance id (cluster extension)
+    CLUSTER_SIZE = 0x6  # relay: the instances it expects, itself included
+    TUNNEL_POOL = 0x7  # agent: 1 = it keeps a tunnel per instance and speaks the extension
 
 
 class OptionType(enum.IntEnum):
@@ -58,6 +65,9 @@ class OptionType(enum.IntEnum):
 
 
 _CONNECTION_FRAMES = frozenset({FrameType.PING, FrameType.GOAWAY, FrameType.SETTINGS})
+EXTENSION_FRAMES = frozenset({FrameType.CLUSTER, FrameType.JOIN})
+MAX_INSTANCE_ID = 2**32 - 1
+MAX_CLUSTER_SIZE = 65_535
 _FIXED_SIZES = {FrameType.WINDOW_UPDATE: 4, FrameType.RESET: 4, FrameType.PING: 8}
 _TYPES = {int(t): t for t in FrameType}  # a dict lookup: calling the enum costs ~1 µs a frame
 
@@ -72,12 +82,19 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """What the *sender* of a SETTINGS frame accepts."""
+    """What the *sender* of a SETTINGS frame accepts, and (cluster extension) who it is.
+
+    `instance_id` and `cluster_size` are a relay instance's (0: not sent), `tunnel_pool` a pool
+    agent's (sent only when true), so a peer without them sends the SETTINGS it always sent.
+    """
 
     initial_window: int = 262_144
     max_frame_size: int = MIN_MAX_FRAME_SIZE
     max_streams: int = 1024
     datagrams: bool = False  # the peer may open datagram streams (UDP flows) toward the sender
+    instance_id: int = 0
+    cluster_size: int = 0
+    tunnel_pool: bool = False
 
     def validate(self, error: type[Exception] = ValueError) -> None:
         if not 1024 <= self.initial_window <= MAX_WINDOW:
@@ -89,6 +106,10 @@ class Settings:
             )
         if not 0 <= self.max_streams <= MAX_STREAM_ID:
             raise error(f"MAX_STREAMS {self.max_streams} out of range 0..{MAX_STREAM_ID}")
+        if not 0 <= self.instance_id <= MAX_INSTANCE_ID:
+            raise error(f"INSTANCE_ID {self.instance_id} out of range 1..{MAX_INSTANCE_ID}")
+        if not 0 <= self.cluster_size <= MAX_CLUSTER_SIZE:
+            raise error(f"CLUSTER_SIZE {self.cluster_size} out of range 1..{MAX_CLUSTER_SIZE}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +145,12 @@ def encode_settings(settings: Settings) -> bytes:
     ]
     if settings.datagrams:
         pairs.append((SettingId.DATAGRAMS, 1))
+    if settings.instance_id:
+        pairs.append((SettingId.INSTANCE_ID, settings.instance_id))
+    if settings.cluster_size:
+        pairs.append((SettingId.CLUSTER_SIZE, settings.cluster_size))
+    if settings.tunnel_pool:
+        pairs.append((SettingId.TUNNEL_POOL, 1))
     payload = b"".join(_SETTING.pack(ident, value) for ident, value in pairs)
     return encode_frame(FrameType.SETTINGS, 0, 0, payload)
 
@@ -172,6 +199,9 @@ def decode_u32(payload: Payload) -> int:
     return value
 
 
+_SETTING_IDS = {int(s): s for s in SettingId}
+
+
 def decode_settings(payload: Payload) -> Settings:
     default = Settings()
     values = {
@@ -181,15 +211,27 @@ def decode_settings(payload: Payload) -> Settings:
         SettingId.DATAGRAMS: int(default.datagrams),
     }
     for ident, value in _SETTING.iter_unpack(payload):
-        if ident in values:
-            values[SettingId(ident)] = value
+        known = _SETTING_IDS.get(ident)
+        if known is not None:  # unknown ids are ignored
+            values[known] = value
     if values[SettingId.DATAGRAMS] > 1:
         raise RemoteProtocolError(f"DATAGRAMS {values[SettingId.DATAGRAMS]} out of range 0..1")
+    # The cluster extension's ids have no default: sent, they must be in range (0 is not).
+    if values.get(SettingId.INSTANCE_ID, 1) == 0:
+        raise RemoteProtocolError(f"INSTANCE_ID 0 out of range 1..{MAX_INSTANCE_ID}")
+    if values.get(SettingId.CLUSTER_SIZE, 1) == 0:
+        raise RemoteProtocolError(f"CLUSTER_SIZE 0 out of range 1..{MAX_CLUSTER_SIZE}")
+    pool = values.get(SettingId.TUNNEL_POOL, 0)
+    if pool > 1:
+        raise RemoteProtocolError(f"TUNNEL_POOL {pool} out of range 0..1")
     settings = Settings(
         initial_window=values[SettingId.INITIAL_WINDOW],
         max_frame_size=values[SettingId.MAX_FRAME_SIZE],
         max_streams=values[SettingId.MAX_STREAMS],
         datagrams=values[SettingId.DATAGRAMS] == 1,
+        instance_id=values.get(SettingId.INSTANCE_ID, 0),
+        cluster_size=values.get(SettingId.CLUSTER_SIZE, 0),
+        tunnel_pool=pool == 1,
     )
     settings.validate(RemoteProtocolError)
     return settings
@@ -382,6 +424,8 @@ class FrameDecoder:
         type_ = _TYPES.get(raw_type)
         if type_ is None:
             raise RemoteProtocolError(f"unknown frame type 0x{raw_type:x}")
+        if type_ in EXTENSION_FRAMES:
+            return type_  # whether it exists here at all depends on SETTINGS: the connection's
         if (type_ in _CONNECTION_FRAMES) != (stream_id == 0):
             where = "stream 0" if stream_id == 0 else f"stream {stream_id}"
             raise RemoteProtocolError(f"{type_.name} frame is not allowed on {where}")
