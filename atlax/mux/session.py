@@ -26,6 +26,7 @@ from ..budget import BufferBudget
 from ..logs import describe
 from ..net import close_with_reset
 from ..protocol import (
+    ClusterSizeChanged,
     Connection,
     ConnectionEnd,
     ConnectionState,
@@ -43,6 +44,7 @@ from ..protocol import (
     StreamEnded,
     StreamOpened,
     StreamReset,
+    TunnelJoined,
     WindowUpdated,
 )
 from .datagram import DatagramFlow, FlowState
@@ -106,6 +108,7 @@ class MuxSession(asyncio.BufferedProtocol):
         self.scheduler: ReadScheduler[MuxStream] = ReadScheduler()
         self.transport: asyncio.Transport | None = None
         self.on_pong: Callable[[float], None] | None = None  # tunnel RTT from keepalive PINGs
+        self.on_cluster: Callable[[int], None] | None = None  # a relay's new cluster size
         self._handler = handler
         self._flow_handler = flow_handler
         self._streams: dict[int, MuxStream] = {}
@@ -117,6 +120,7 @@ class MuxSession(asyncio.BufferedProtocol):
         self._timer: TimerHandle | None = None
         self._timer_at = 0.0
         self._ready = asyncio.Event()  # SETTINGS arrived, or the session ended first
+        self._joined = asyncio.Event()  # the pool agent's JOIN arrived, or the session ended
         self._closed = asyncio.Event()  # the session ended: streams closed, transport closing
         self._lost = asyncio.Event()  # the transport is gone
         self._tg: anyio.abc.TaskGroup | None = None
@@ -130,6 +134,11 @@ class MuxSession(asyncio.BufferedProtocol):
     @property
     def can_open_stream(self) -> bool:
         return self.conn.can_open_stream
+
+    @property
+    def peer_settings(self) -> Settings | None:
+        """The peer's SETTINGS (with its instance id and cluster size, if a relay), once here."""
+        return self.conn.peer_settings
 
     @property
     def active_streams(self) -> int:
@@ -162,6 +171,24 @@ class MuxSession(asyncio.BufferedProtocol):
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+    async def wait_joined(self) -> None:
+        """Relay: wait for a pool agent's JOIN; raise TunnelClosedError if the session ends
+        first (a duplicate the agent closed, or one that never joined)."""
+        await self._joined.wait()
+        if not self.conn.joined or self.conn.state is _CLOSED:
+            raise TunnelClosedError(str(self.end or "tunnel closed before it was joined"))
+
+    def join(self) -> None:
+        """Agent: keep this tunnel as the one to the relay's instance (cluster extension)."""
+        self.conn.join()
+        self._sync()
+
+    def announce_cluster(self, size: int) -> bool:
+        """Relay: tell a pool agent the instances now expected; False if it is not told."""
+        sent = self.conn.announce_cluster(size)
+        self._sync()
+        return sent
 
     def open_stream_now(
         self, service: str, origin: Origin | None = None, proxy_protocol: int | None = None
@@ -333,6 +360,7 @@ class MuxSession(asyncio.BufferedProtocol):
             return
         self._closed.set()
         self._ready.set()
+        self._joined.set()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -409,6 +437,11 @@ class MuxSession(asyncio.BufferedProtocol):
             elif isinstance(event, PongReceived):
                 if self.on_pong is not None:
                     self.on_pong(event.rtt)
+            elif isinstance(event, TunnelJoined):
+                self._joined.set()
+            elif isinstance(event, ClusterSizeChanged):
+                if self.on_cluster is not None:
+                    self.on_cluster(event.size)
             # GoAwayReceived, ConnectionTerminated: the core's state says what follows.
 
     def _accept(self, event: StreamOpened) -> None:
