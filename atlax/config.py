@@ -296,6 +296,12 @@ class RelaySettings(_Keepalive):
     max_buffered_bytes: int = Field(strict=True, default=256 << 20, ge=1 << 20)
     max_connections_per_source: int = Field(strict=True, default=256, ge=1)
     drain_timeout: float = Field(strict=True, default=30.0, ge=0)
+    # High availability (docs/high-availability.md): worker processes sharing the ports, relays
+    # behind one load balancer, and how long a public connection waits for its agent's tunnel
+    # on an instance that has none yet.
+    workers: int = Field(strict=True, default=1, ge=1, le=64)
+    replicas: int = Field(strict=True, default=1, ge=1, le=4096)
+    agent_wait: float = Field(strict=True, default=3.0, ge=0)
 
 
 class RelayConfig(_Model):
@@ -323,7 +329,10 @@ class AgentSettings(_Keepalive):
     server_name: str | None = None
     backoff_initial: float = Field(strict=True, default=0.5, gt=0)
     backoff_cap: float = Field(strict=True, default=30.0, gt=0)
-    connect_timeout: float = Field(strict=True, default=10.0, gt=0)
+    connect_timeout: float = Field(strict=True, default=3.0, gt=0)  # TCP connect and TLS handshake
+    # Look for new relay instances this often; tunnels to distinct instances at most.
+    probe_interval: float = Field(strict=True, default=30.0, gt=0)
+    max_tunnels: int = Field(strict=True, default=16, ge=1, le=1024)
     # How often the certificate files are checked for a renewal, and how long a tunnel replaced
     # by a renewal may finish its open streams.
     cert_check_interval: float = Field(strict=True, default=30.0, gt=0)

@@ -7,7 +7,7 @@ counts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
 import anyio.abc
@@ -64,6 +64,13 @@ class RelayMetrics(RelayObserver):
             ["port", "reason"],
             registry=r,
         )
+        self.waited = Counter(
+            "atlax_connections_waited",
+            "Public connections held for their agent's tunnel on this instance (agent_wait), "
+            "by port and outcome (served, refused).",
+            ["port", "outcome"],
+            registry=r,
+        )
         self.tunnel_ends = Counter(
             "atlax_tunnel_ends",
             "Agent tunnels that ended, by the session's end reason.",
@@ -114,6 +121,13 @@ class RelayMetrics(RelayObserver):
     def datagram_dropped(self, port: int, reason: DatagramDrop) -> None:
         self.datagrams_dropped.labels(str(port), reason.value).inc()
 
+    def exposition(self) -> bytes:
+        """The Prometheus text of every metric of this relay."""
+        return generate_latest(self.registry)
+
+    def connection_waited(self, port: int, served: bool) -> None:
+        self.waited.labels(str(port), "served" if served else "refused").inc()
+
     def tunnel_rtt(self, agent: str, seconds: float) -> None:
         self.rtt.labels(agent).observe(seconds)
 
@@ -137,15 +151,21 @@ class _ByteCollector(Collector):
 class MetricsServer:
     """Serves GET /metrics, /healthz and /readyz on a TCP port for Prometheus and probes."""
 
-    def __init__(self, metrics: RelayMetrics, ready: Callable[[], tuple[bool, str]]) -> None:
-        self.metrics = metrics
+    def __init__(
+        self,
+        exposition: Callable[[], bytes | Awaitable[bytes]],
+        ready: Callable[[], tuple[bool, str]],
+    ) -> None:
+        self.exposition = exposition  # a relay's metrics, or a supervisor's sum of its workers'
         self.ready = ready
 
     async def app(self, req: Request) -> Response:
         if req.method != "GET":
             return Response.error(405, "method not allowed")
         if req.path == "/metrics":
-            body = generate_latest(self.metrics.registry)
+            body = self.exposition()
+            if not isinstance(body, bytes):
+                body = await body
             return Response(200, body, CONTENT_TYPE_LATEST)
         if req.path == "/healthz":
             return Response.json(200, {"status": "ok"})

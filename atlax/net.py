@@ -30,11 +30,16 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 Handler = Callable[[Any], Coroutine[Any, Any, None]]
 
 
-async def listen_sockets(host: str, port: int, *, udp: bool = False) -> list[socket.socket]:
+async def listen_sockets(
+    host: str, port: int, *, udp: bool = False, reuse_port: bool = False, listen: bool = True
+) -> list[socket.socket]:
     """Non-blocking listening sockets for `host` (every address it resolves to) and `port`;
     bound UDP sockets with `udp`.
 
     Port 0 picks a free port for the first address and uses the same one for the others.
+    `reuse_port`: SO_REUSEPORT, so the worker processes of one relay share the port (the kernel
+    spreads new connections over their listeners); only sockets that all set it can share.
+    `listen=False`: bound (the port is taken) but not accepting yet; `start_listening` later.
     """
     kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
     infos = await anyio.getaddrinfo(
@@ -51,19 +56,25 @@ async def listen_sockets(host: str, port: int, *, udp: bool = False) -> list[soc
             sockets.append(sock)
             if not udp:  # for UDP it would let a second process bind the same port
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if port == 0 and len(sockets) > 1:
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
             sock.bind(address)
-            if not udp:
-                sock.listen(65535)  # the kernel caps it at net.core.somaxconn
+            if listen and not udp:
+                start_listening(sock)
             sock.setblocking(False)
     except OSError:
         for sock in sockets:
             sock.close()
         raise
     return sockets
+
+
+def start_listening(sock: socket.socket) -> None:
+    sock.listen(65535)  # the kernel caps it at net.core.somaxconn
 
 
 def close_listener(sock: socket.socket) -> None:
@@ -101,6 +112,27 @@ async def accept_sockets(sock: socket.socket, handler: Handler) -> None:
             except Exception:
                 log.exception("internal error handling a connection; closed it")
                 client.close()
+
+
+async def accept_queued_then_close(sock: socket.socket, handler: Handler) -> None:
+    """Hand over every connection already queued on a listening socket, then close it.
+
+    A listener that is simply closed resets the connections the kernel accepted for it and no
+    one took yet; a load balancer that sent them there cannot retry them elsewhere. Nothing is
+    awaited between the last empty `accept` and the close, so none can slip in between.
+    """
+    while sock.fileno() != -1:
+        try:
+            client, _ = sock.accept()
+        except OSError:  # BlockingIOError: the queue is empty
+            close_listener(sock)
+            return
+        client.setblocking(False)
+        try:
+            await handler(client)
+        except Exception:
+            log.exception("internal error handling a connection; closed it")
+            client.close()
 
 
 async def accept_loop(listener: anyio.abc.SocketListener, handler: Handler) -> None:

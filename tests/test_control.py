@@ -40,9 +40,14 @@ async def control_relay(pki: Pki, tmp_path: Path) -> AsyncIterator[tuple[RelayMa
     async with anyio.create_task_group() as tg:
         await tg.start(relay.serve)
         assert isinstance(relay.control, ControlServer)
+        # Ready only once a control client says its state is all there (PUT /cluster, last).
+        assert relay.readiness() == (False, "waiting for its control state")
+        client = ControlClient(path)
+        status, cluster = await client.call("PUT", "/cluster", {"replicas": 1})
+        assert status == 200 and cluster["synced"] is True and cluster["size"] == 1
         assert relay.readiness() == (True, "listening")
         try:
-            yield relay, ControlClient(path)
+            yield relay, client
         finally:
             tg.cancel_scope.cancel()
 

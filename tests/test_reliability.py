@@ -145,6 +145,9 @@ async def tunnel_through_link(
             {"web": echo},
         )
         async with running_agent(agent):
+            # The relay counts the tunnel once the agent's JOIN arrived, just after the agent
+            # counted it: the tests below look at the relay's side.
+            await wait_until(lambda: relay.registry.get("home-nas").session is not None, 10)  # type: ignore[union-attr]
             yield relay, agent, link, port
 
 

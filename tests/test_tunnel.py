@@ -150,8 +150,10 @@ async def test_paused_reader_does_not_stall_the_other_stream(pki: Pki) -> None:
 
 
 async def test_client_of_offline_agent_is_closed_at_once(pki: Pki) -> None:
+    """With agent_wait 0; the default holds the client for its agent first (test_ha_relay.py)."""
     port = free_port()
-    async with running_relay(Relay(relay_settings(pki), [spec("home-nas", web=port)])):
+    settings = relay_settings(pki, agent_wait=0)
+    async with running_relay(Relay(settings, [spec("home-nas", web=port)])):
         async with await anyio.connect_tcp("127.0.0.1", port) as conn:
             await receive_reset(conn, timeout=2)  # refused (agent_offline): a RST, not a FIN
 

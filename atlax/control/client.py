@@ -28,11 +28,20 @@ class ControlClient:
         self.timeout = timeout
 
     async def call(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
+        """One request with a JSON body (or none); the status and the decoded JSON answer."""
         body = b"" if payload is None else json.dumps(payload).encode()
+        status, data = await self.call_raw(method, path, body)
+        try:
+            return status, json.loads(data) if data else None
+        except ValueError:
+            raise ControlSocketError(f"control socket {self.path} answered with non-JSON") from None
+
+    async def call_raw(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        """One request; the status and the answer's bytes as they came (GET /metrics)."""
         try:
             with anyio.fail_after(self.timeout):
                 async with await anyio.connect_unix(self.path) as stream:
-                    status, data = await request(stream, method, path, body)
+                    return await request(stream, method, path, body)
         except TimeoutError:
             raise ControlSocketError(
                 f"control socket {self.path} did not answer in {self.timeout:g}s"
@@ -43,10 +52,12 @@ class ControlClient:
             ) from None
         except ResponseError as exc:  # e.g. the relay stopped while answering
             raise ControlSocketError(f"control socket {self.path}: {exc}") from None
-        try:
-            return status, json.loads(data) if data else None
-        except ValueError:
-            raise ControlSocketError(f"control socket {self.path} answered with non-JSON") from None
+
+    async def cluster(self) -> dict[str, Any]:
+        return await self._ok("GET", "/cluster")
+
+    async def set_cluster(self, replicas: int) -> tuple[int, Any]:
+        return await self.call("PUT", "/cluster", {"replicas": replicas})
 
     async def health(self) -> dict[str, Any]:
         return await self._ok("GET", "/healthz")

@@ -3,8 +3,13 @@
     PUT    /agents/{name}   desired services and ports of one agent (idempotent, all or nothing)
     DELETE /agents/{name}   close its ports, drop its tunnel, refuse its identity (revocation)
     GET    /agents          live state of every agent
-    GET    /agents/{name}   live state of one agent
+    GET    /agents/{name}   live state of one agent, with the relay instances holding its tunnel
+    GET    /cluster         this relay's instance id(s), workers, replicas, cluster size, synced
+    PUT    /cluster         {"replicas": N}: the relays behind the load balancer; pushed last, it
+                            marks the control state applied (the relay is ready from then on)
     GET    /healthz         liveness, with this relay process's id
+    GET    /metrics         Prometheus text (only where the server is given an exposition: the
+                            private socket of a worker, which its supervisor scrapes)
 
 The socket file is created with mode 0660 in a directory of mode 0750 or tighter (created so, or
 tightened; one others may write to and that is not the relay's is refused): only the relay's own
@@ -22,8 +27,10 @@ import re
 import socket
 import stat
 import uuid
+from collections.abc import Awaitable, Callable
+from inspect import isawaitable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.abc
@@ -40,13 +47,24 @@ log = logging.getLogger("atlax.control")
 _AGENT_PATH = re.compile(r"/agents/([^/]+)")
 
 
+T = TypeVar("T")
+MAX_REPLICAS = 4096
+
+
+async def _resolve(value: T | Awaitable[T]) -> T:
+    """A registry answers reads at once (a relay) or after asking others (a supervisor)."""
+    if isawaitable(value):
+        return await value
+    return value
+
+
 class Registry(Protocol):
     """What the control API reads and changes: the relay's `AgentRegistry`, or anything that
-    answers the same way (a supervisor fanning out to relay workers)."""
+    answers the same way (a supervisor fanning out to relay workers, whose reads are awaited)."""
 
-    def agents(self) -> list[dict[str, Any]]: ...
+    def agents(self) -> list[dict[str, Any]] | Awaitable[list[dict[str, Any]]]: ...
 
-    def agent(self, name: str) -> dict[str, Any] | None: ...
+    def agent(self, name: str) -> dict[str, Any] | Awaitable[dict[str, Any] | None] | None: ...
 
     async def apply_agent(self, spec: AgentSpec) -> bool:
         """All the agent's ports open or none; raises `PortConflictError` naming the port."""
@@ -55,10 +73,32 @@ class Registry(Protocol):
     async def remove_agent(self, name: str) -> bool: ...
 
 
+class Cluster(Protocol):
+    """The relay instance(s) behind this socket: `atlax.relay.Instance`, or a supervisor's."""
+
+    def snapshot(self) -> dict[str, Any] | Awaitable[dict[str, Any]]: ...
+
+    async def set_cluster(self, replicas: int) -> dict[str, Any]:
+        """The relays behind the load balancer; the control state counts as applied."""
+        ...
+
+
+Exposition = Callable[[], bytes | Awaitable[bytes]]
+
+
 class ControlServer:
-    def __init__(self, registry: Registry, path: Path) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        path: Path,
+        *,
+        cluster: Cluster | None = None,
+        metrics: Exposition | None = None,
+    ) -> None:
         self.registry = registry
         self.path = path
+        self.cluster = cluster
+        self.metrics = metrics
         self.relay_id = uuid.uuid4().hex
 
     async def serve(
@@ -111,13 +151,25 @@ class ControlServer:
         if req.path == "/agents":
             if req.method != "GET":
                 return _method_not_allowed("GET")
-            return Response.json(200, {"relayId": self.relay_id, "agents": self.registry.agents()})
+            agents = await _resolve(self.registry.agents())
+            return Response.json(200, {"relayId": self.relay_id, "agents": agents})
+        if req.path == "/cluster" and self.cluster is not None:
+            if req.method == "GET":
+                return Response.json(200, await _resolve(self.cluster.snapshot()))
+            if req.method == "PUT":
+                return await self._put_cluster(self.cluster, req.body)
+            return _method_not_allowed("GET, PUT")
+        if req.path == "/metrics" and self.metrics is not None:
+            if req.method != "GET":
+                return _method_not_allowed("GET")
+            body = await _resolve(self.metrics())
+            return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
         match = _AGENT_PATH.fullmatch(req.path)
         if match is None:
             return Response.error(404, f"no such endpoint: {req.path}")
         name = match.group(1)
         if req.method == "GET":
-            state = self.registry.agent(name)
+            state = await _resolve(self.registry.agent(name))
             if state is None:
                 return Response.error(404, f"agent {name!r} is not configured")
             return Response.json(200, state)
@@ -154,7 +206,27 @@ class ControlServer:
             return Response.error(403, str(exc), port=exc.port)
         except PortConflictError as exc:
             return Response.error(409, str(exc), port=exc.port)
-        return Response.json(200, {"changed": changed, "agent": self.registry.agent(name)})
+        agent = await _resolve(self.registry.agent(name))
+        return Response.json(200, {"changed": changed, "agent": agent})
+
+    async def _put_cluster(self, cluster: Cluster, body: bytes) -> Response:
+        try:
+            data = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError) as exc:
+            return Response.error(400, f"request body is not JSON: {exc}")
+        replicas = data.get("replicas") if isinstance(data, dict) else None
+        if (
+            not isinstance(data, dict)
+            or set(data) != {"replicas"}
+            or not isinstance(replicas, int)
+            or isinstance(replicas, bool)
+            or not 1 <= replicas <= MAX_REPLICAS
+        ):
+            return Response.error(
+                400,
+                f'request body must be {{"replicas": N}} with N a whole number 1..{MAX_REPLICAS}',
+            )
+        return Response.json(200, await cluster.set_cluster(replicas))
 
 
 def _method_not_allowed(allowed: str) -> Response:

@@ -179,7 +179,7 @@ class MuxSession(asyncio.BufferedProtocol):
         if not self.conn.joined or self.conn.state is _CLOSED:
             raise TunnelClosedError(str(self.end or "tunnel closed before it was joined"))
 
-    def join(self) -> None:
+    def join_cluster(self) -> None:
         """Agent: keep this tunnel as the one to the relay's instance (cluster extension)."""
         self.conn.join()
         self._sync()

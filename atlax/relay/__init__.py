@@ -6,10 +6,12 @@ routing.py    ports shared by hostname: read the ClientHello or Host, pick the s
 udp.py        public UDP ports: a flow per client address, over a datagram stream
 admission.py  the agent port: handshake, identity check, replacement
 server.py     `Relay`: serve, TLS reload, shutdown
+instance.py   who this relay process is among the instances serving the same addresses
 observer.py   what the relay reports (the metrics implement it)
 """
 
 from .admission import TUNNEL_SETTINGS, HandshakeFailure
+from .instance import Instance, new_instance_id
 from .observer import ByteCounter, RelayObserver
 from .ports import Eviction, Refusal
 from .registry import AgentRegistry, PortConflictError, PortNotPermittedError
@@ -23,9 +25,11 @@ __all__ = [
     "DatagramDrop",
     "Eviction",
     "HandshakeFailure",
+    "Instance",
     "PortConflictError",
     "PortNotPermittedError",
     "Refusal",
     "Relay",
     "RelayObserver",
+    "new_instance_id",
 ]

@@ -5,16 +5,20 @@ In order: the handshake caps (`max_handshakes_per_source` refuses the newcomer a
 `handshake_timeout`), the ALPN check, the identity check against the registry (the certificate's
 Common Name must be a configured agent, its key among the agent's pins if it has any, the relay
 not shutting down, `max_agents` not reached); only then is a tunnel session created and handed
-the transport, inside the callback that reports the finished handshake, and the tunnel runs.
-A newer tunnel from the same identity replaces the older one, which gets `drain_timeout` to
-finish its streams. A refusal after the handshake is a GOAWAY naming the code and the reason;
-every refusal is counted by `HandshakeFailure` (the `atlax_handshake_failures_total` labels)
-and logged.
+the transport, inside the callback that reports the finished handshake, so that no SETTINGS
+(which tell an agent its tunnel is up) leave before the certificate was accepted. The tunnel
+carries streams once the agent's SETTINGS arrived, or, for a pool agent (cluster extension),
+once it sent JOIN: a tunnel the agent closes as a duplicate (it holds one to this instance
+already) never counts. A newer tunnel from the same identity replaces the older one, which gets
+`drain_timeout` to finish its streams. A refusal after the handshake is a GOAWAY naming the
+code and the reason; every refusal is counted by `HandshakeFailure` (the
+`atlax_handshake_failures_total` labels) and logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import ssl
@@ -30,7 +34,7 @@ from ..budget import BufferBudget
 from ..config import RelaySettings
 from ..handshakes import HandshakeGate, Verdict, source_of
 from ..logs import RateLimitedLog, describe
-from ..mux import MuxSession, MuxStream
+from ..mux import MuxSession, MuxStream, TunnelClosedError
 from ..net import close_with_reset, peer_address
 from ..pins import PinError, pin_of_certificate
 from ..protocol import (
@@ -44,6 +48,7 @@ from ..protocol import (
     Settings,
 )
 from ..tls import peer_common_name
+from .instance import Instance
 from .observer import RelayObserver
 from .registry import AgentRegistry, AgentState
 
@@ -98,17 +103,32 @@ class Admission:
         registry: AgentRegistry,
         observer: RelayObserver,
         budget: BufferBudget[MuxStream] | None = None,
+        instance: Instance | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.observer = observer
         self.budget = budget  # relay-wide, for bytes held for slow public clients
+        self.instance = instance or Instance(workers=settings.workers, replicas=settings.replicas)
+        self.instance.on_size = self.announce
         self.context: ssl.SSLContext | None = None  # the relay's, replaced when files change
         self.task_group: anyio.abc.TaskGroup | None = None  # the relay's, set while it serves
         self.shutting_down = False
         self.handshakes = HandshakeGate(settings.max_handshakes, settings.max_handshakes_per_source)
         self.handshakes_started = 0  # the heap trimmer counts them as a burst
         self._refusals = RateLimitedLog(log)
+        self.tunnels: set[MuxSession] = set()  # every admitted tunnel: joined, not yet, replaced
+
+    def tunnel_settings(self) -> Settings:
+        """This instance's SETTINGS: who it is and how many instances it expects."""
+        return dataclasses.replace(
+            TUNNEL_SETTINGS, instance_id=self.instance.id, cluster_size=self.instance.size
+        )
+
+    def announce(self, size: int) -> None:
+        """The cluster size changed: tell every pool agent's tunnel (CLUSTER)."""
+        told = sum(1 for session in list(self.tunnels) if session.announce_cluster(size))
+        log.info("cluster size is now %d; told %d pool tunnel(s)", size, told)
 
     async def admit(self, sock: socket.socket) -> None:
         """Admit a new connection on the agent port under the handshake caps (a task of its
@@ -203,7 +223,7 @@ class Admission:
         s = self.settings
         session = MuxSession(
             Role.SERVER,
-            settings=TUNNEL_SETTINGS,
+            settings=self.tunnel_settings(),
             keepalive=KeepaliveConfig(s.keepalive_interval, s.keepalive_timeout),
             name=f"agent {state.name!r}",
             budget=self.budget,
@@ -211,8 +231,8 @@ class Admission:
         )
         transport.set_protocol(session)
         session.connection_made(transport)
-        self._add(state, session, peer, pin)
-        return state, session
+        state.tunnels[session] = pin  # from now on a revoked pin closes it
+        return state, session, peer, pin
 
     def _refusal(
         self, name: str | None, state: AgentState | None, pin: str | None
@@ -257,9 +277,66 @@ class Admission:
         transport.write(conn.data_to_send())
         transport.close()
 
-    def _add(self, state: AgentState, session: MuxSession, peer: str, pin: str | None) -> None:
-        """The agent's new tunnel becomes current; an earlier one gets drain_timeout to finish
-        its streams (REPLACED after that)."""
+    async def _run(
+        self, state: AgentState, session: MuxSession, peer: str, pin: str | None
+    ) -> None:
+        """Serve the tunnel from its handshake to its end; it carries streams once accepted."""
+        self.tunnels.add(session)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(session.run)
+                if await self._accepted(state, session, peer, pin):
+                    await self._serve(state, session, peer)
+                else:
+                    await session.wait_closed()
+        finally:
+            self.tunnels.discard(session)
+            state.tunnels.pop(session, None)
+
+    async def _accepted(
+        self, state: AgentState, session: MuxSession, peer: str, pin: str | None
+    ) -> bool:
+        """Whether the tunnel is the agent's to use: SETTINGS arrived, and a pool agent's JOIN."""
+        limit = self.settings.handshake_timeout
+        try:
+            with anyio.fail_after(limit):
+                await session.wait_ready()
+                if session.conn.awaiting_join:
+                    await session.wait_joined()
+        except TimeoutError:
+            what = "JOIN" if session.ready else "SETTINGS"
+            log.warning("agent %r from %s sent no %s within %gs", state.name, peer, what, limit)
+            session.close(ErrorCode.PROTOCOL_ERROR, f"no {what} within {limit:g}s")
+            return False
+        except TunnelClosedError:
+            settings = session.peer_settings
+            if settings is not None and settings.tunnel_pool:  # the agent holds one here
+                log.debug(
+                    "agent %r: tunnel from %s closed before JOIN: %s", state.name, peer, session.end
+                )
+            else:
+                log.info(
+                    "agent %r: tunnel from %s ended before it was up: %s",
+                    state.name,
+                    peer,
+                    session.end,
+                )
+            return False
+        if self.registry.get(state.name) is not state:  # removed (revoked) meanwhile
+            session.close(ErrorCode.UNAUTHORIZED, f"agent {state.name!r} was removed")
+            return False
+        unpinned = state.unpinned(pin)
+        if unpinned is not None:  # its key was unpinned meanwhile
+            session.close(ErrorCode.UNAUTHORIZED, unpinned)
+            return False
+        if self.shutting_down:
+            session.close(ErrorCode.NO_ERROR, "relay shutting down")
+            return False
+        return True
+
+    async def _serve(self, state: AgentState, session: MuxSession, peer: str) -> None:
+        """The agent's accepted tunnel becomes current until it ends; an earlier one gets
+        drain_timeout to finish its streams (REPLACED after that)."""
         agent = state.name
         observer = self.observer
 
@@ -271,9 +348,9 @@ class Admission:
         if old is None:
             observer.agent_connected(agent)
         state.session = session
-        state.tunnels[session] = pin
         state.peer = peer
         state.connected_since = time.time()
+        state.tunnel_moved()
         if old is not None:
             log.info("agent %r connected from %s, replacing its earlier tunnel", agent, peer)
             old.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel from the same identity")
@@ -281,22 +358,19 @@ class Admission:
             self.task_group.start_soon(_expire, old, self.settings.drain_timeout)
         else:
             log.info("agent %r connected from %s", agent, peer)
-
-    async def _run(self, state: AgentState, session: MuxSession) -> None:
-        agent = state.name
         try:
-            await session.run()
+            await session.wait_closed()
         finally:
-            state.tunnels.pop(session, None)
             end = session.end or ConnectionEnd(EndReason.CANCELLED)  # run() always sets it
-            self.observer.tunnel_ended(agent, end)
+            observer.tunnel_ended(agent, end)
             if state.session is session:
                 state.session = None
-                self.observer.agent_disconnected(agent)
+                state.tunnel_moved()
+                observer.agent_disconnected(agent)
                 log.info("agent %r disconnected: %s", agent, end)
 
 
-_Tunnel = tuple[AgentState, MuxSession]
+_Tunnel = tuple[AgentState, MuxSession, str, str | None]
 
 
 class _Gate(asyncio.Protocol):

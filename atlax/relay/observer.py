@@ -59,5 +59,9 @@ class RelayObserver:
     def datagram_dropped(self, port: int, reason: DatagramDrop) -> None:
         """A datagram of an admitted UDP flow on `port` was dropped."""
 
+    def connection_waited(self, port: int, served: bool) -> None:
+        """A public connection on `port` waited for its agent's tunnel on this instance (up to
+        `agent_wait`); `served` if one came in time (else it was refused as well)."""
+
     def tunnel_rtt(self, agent: str, seconds: float) -> None:
         """A keepalive PING through `agent`'s tunnel came back after `seconds`."""

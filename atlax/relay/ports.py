@@ -8,6 +8,16 @@ port shared by hostname, `routing.py` first reads which service the client wants
 At a service's, an agent's or the relay's connection limit, the connection idle the longest in
 that scope makes room for the newcomer (`atlax_connections_evicted_total`); only if none has
 been idle a moment is the newcomer refused.
+
+A client whose agent has no tunnel on this instance (yet: the instance just started, or the
+agent is still reaching every instance) is held for up to `agent_wait` seconds, unread, and
+joined as soon as a tunnel arrives; held clients count against the port's and the source's
+limits like open ones, and only they have a task of their own.
+
+An instance of several (cluster size > 1) listens on a TCP port only once one of its agents has
+a tunnel to it, or `LISTEN_GRACE` after the port was opened if none comes: until then the load
+balancer (or, for workers, the kernel) sends the port's clients to instances that have one; a
+single relay listens at once, as always.
 """
 
 from __future__ import annotations
@@ -24,14 +34,24 @@ import anyio.abc
 
 from ..config import RelaySettings
 from ..idle import IdleClock, IdleOrder
-from ..logs import RateLimitedLog
+from ..logs import RateLimitedLog, describe
 from ..mux import DatagramFlow, MuxStream, StreamObserver, TunnelClosedError
-from ..net import accept_sockets, close_with_reset, origin_of, set_keepalive
+from ..net import (
+    accept_queued_then_close,
+    accept_sockets,
+    close_with_reset,
+    origin_of,
+    set_keepalive,
+    start_listening,
+)
 from ..protocol import Origin
+from .instance import Instance
 from .observer import RelayObserver
-from .registry import PortBinding, PublicPort
+from .registry import AgentState, PortBinding, PublicPort
 
 log = logging.getLogger("atlax.relay")
+
+LISTEN_GRACE = 10.0
 
 
 # A connection must have been idle this many ticks of the idle clock (seconds; >= 1 s once the
@@ -132,13 +152,21 @@ def _contains(network: ipaddress.IPv4Network | ipaddress.IPv6Network, address: A
 class PublicPorts:
     """Serves the registry's public ports; `serve` is the registry's `serve_port`."""
 
-    def __init__(self, settings: RelaySettings, observer: RelayObserver, clock: IdleClock) -> None:
+    def __init__(
+        self,
+        settings: RelaySettings,
+        observer: RelayObserver,
+        clock: IdleClock,
+        instance: Instance | None = None,
+    ) -> None:
         self.settings = settings
         self.observer = observer
+        self.instance = instance or Instance()
         self.task_group: anyio.abc.TaskGroup | None = None  # the relay's, set while it serves
         self.clock = clock  # of the idle orders; the relay advances it every second
         self.everyone: IdleOrder[PublicConnection] = IdleOrder(clock)
         self._refusals = RateLimitedLog(log)
+        self._held: dict[int, int] = {}  # clients waiting for their agent's tunnel, per binding
         from .routing import Router  # routing.py builds on this module's Refusal and join
 
         self._router = Router(self)
@@ -150,18 +178,48 @@ class PublicPorts:
             from .udp import UdpPort  # udp.py builds on this module, as routing.py does
 
             self.task_group.start_soon(UdpPort(self, public).serve)
-        else:
-            self.task_group.start_soon(self._accept, public)
+            return
+        deferred = self.instance.size > 1 and not _any_usable(public)
+        if not deferred:
+            self._listen(public)
+        self.task_group.start_soon(self._accept, public, deferred)
 
-    async def _accept(self, public: PublicPort) -> None:
+    def _listen(self, public: PublicPort) -> None:
+        for sock in public.listeners:
+            try:
+                start_listening(sock)
+            except OSError as exc:
+                log.error("port %s: cannot listen: %s", public.text, describe(exc))
+
+    async def stop_accepting(self, public: PublicPort) -> None:
+        """No new clients (the relay drains): the ones already queued are still served."""
+        if public.key.protocol != "tcp":
+            public.stop_listening()
+            return
+
         async def handle(client: socket.socket) -> None:
-            if public.route is None:
-                await self._join(public.bindings[0], client)
-            else:
-                await self._router.take(public, client)
+            await self._handle(public, client)
+
+        for sock in public.listeners:
+            await accept_queued_then_close(sock, handle)
+
+    async def _handle(self, public: PublicPort, client: socket.socket) -> None:
+        if public.route is None:
+            await self._join(public.bindings[0], client)
+        else:
+            await self._router.take(public, client)
+
+    async def _accept(self, public: PublicPort, deferred: bool) -> None:
+        async def handle(client: socket.socket) -> None:
+            await self._handle(public, client)
 
         try:
             with public.scope:
+                if deferred:
+                    with anyio.move_on_after(LISTEN_GRACE):
+                        while not _any_usable(public):
+                            await _next_move(public)
+                    self._listen(public)
                 async with anyio.create_task_group() as tg:
                     for sock in public.listeners:
                         tg.start_soon(accept_sockets, sock, handle)
@@ -228,8 +286,69 @@ class PublicPorts:
         return stream
 
     async def _join(self, binding: PortBinding, client: socket.socket) -> None:
-        """Join a public connection to a new stream; from then on it lives in callbacks."""
-        stream = self.open_stream(binding, origin_of(client))
+        """Join a public connection to a new stream; from then on it lives in callbacks. A
+        client whose agent has no tunnel here yet waits for one (up to `agent_wait`)."""
+        origin = origin_of(client)
+        wait = self.settings.agent_wait > 0
+        if wait and refusal(binding, origin, self.settings) is Refusal.AGENT_OFFLINE:
+            reason = self._hold_refusal(binding, origin)
+            if reason is None:
+                assert self.task_group is not None
+                self.task_group.start_soon(self._held_join, binding, client, origin)
+                return
+            self.refuse(binding.service.port, origin, reason)
+            close_with_reset(client)
+            return
+        await self._join_now(binding, client, origin)
+
+    def _hold_refusal(self, binding: PortBinding, origin: Origin | None) -> Refusal | None:
+        """Whether a client may wait for its agent: the port's and the source's limits count
+        the clients already waiting too."""
+        service = binding.service
+        waiting = self._held.get(id(binding), 0)
+        limit = service.max_connections or self.settings.max_connections_per_port
+        if binding.connections + waiting >= limit:
+            return Refusal.PORT_LIMIT
+        if origin is not None:
+            open_here = binding.by_source.get(origin.source, 0)
+            if open_here + waiting >= self.settings.max_connections_per_source:
+                # The per-source count of waiting clients is not kept: count them all against
+                # the source (strict, and waiting is short).
+                return Refusal.SOURCE_LIMIT
+        return None
+
+    async def _held_join(
+        self, binding: PortBinding, client: socket.socket, origin: Origin | None
+    ) -> None:
+        """Wait (up to `agent_wait`) for the agent's tunnel, then join or refuse the client."""
+        key = id(binding)
+        self._held[key] = self._held.get(key, 0) + 1
+        served = False
+        try:
+            state = binding.state
+            with anyio.move_on_after(self.settings.agent_wait):
+                while not binding.closed and not state.usable:
+                    await state.next_move()
+            if binding.closed:
+                client.close()
+                return
+            served = refusal(binding, origin, self.settings) is None
+            await self._join_now(binding, client, origin)
+        except BaseException:
+            client.close()
+            raise
+        finally:
+            left = self._held[key] - 1
+            if left:
+                self._held[key] = left
+            else:
+                del self._held[key]
+            self.observer.connection_waited(binding.service.port, served)
+
+    async def _join_now(
+        self, binding: PortBinding, client: socket.socket, origin: Origin | None
+    ) -> None:
+        stream = self.open_stream(binding, origin)
         if stream is None:
             close_with_reset(client)
             return
@@ -333,3 +452,22 @@ class PublicConnection(StreamObserver):
         else:
             del binding.by_source[self._source]
         self._observer.stream_closed(self._state.name, self._service)
+
+
+def _any_usable(public: PublicPort) -> bool:
+    """One of the port's agents has a tunnel here that can carry a stream."""
+    return any(binding.state.usable for binding in public.bindings)
+
+
+async def _next_move(public: PublicPort) -> None:
+    """Until a tunnel of one of the port's agents joins or leaves."""
+    if not public.bindings:  # a port being closed: its scope ends the wait
+        await anyio.sleep_forever()
+    async with anyio.create_task_group() as tg:
+        for binding in public.bindings:
+
+            async def wait(state: AgentState = binding.state) -> None:
+                await state.next_move()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait)

@@ -50,18 +50,38 @@ class AgentState:
     spec: AgentSpec
     # Its open public connections, least recently active first (the registry's clock).
     idle: IdleOrder[Any] = field(default_factory=lambda: IdleOrder(IdleClock()))
-    session: MuxSession | None = None
-    # Every live tunnel of this agent (the current one and any still draining): its key pin.
+    instance: str = ""  # the relay instance's id, as the control API shows it
+    session: MuxSession | None = None  # the joined tunnel: new streams go here
+    # Every live tunnel of this agent (the current one, any still draining or not yet joined):
+    # its key pin.
     tunnels: dict[MuxSession, str | None] = field(default_factory=dict)
     peer: str | None = None
     connected_since: float | None = None  # wall clock
     bytes_to_agent: int = 0
     bytes_from_agent: int = 0
     streams_total: int = 0
+    _tunnel_moved: anyio.Event | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def tunnel_moved(self) -> None:
+        """A tunnel joined or left, or a port closed: wake whoever waits (held clients)."""
+        if self._tunnel_moved is not None:
+            self._tunnel_moved.set()
+            self._tunnel_moved = None
+
+    async def next_move(self) -> None:
+        """Until the next `tunnel_moved()`."""
+        if self._tunnel_moved is None:
+            self._tunnel_moved = anyio.Event()
+        await self._tunnel_moved.wait()
+
+    @property
+    def usable(self) -> bool:
+        """The agent has a tunnel here that can carry a new stream."""
+        return self.session is not None and self.session.can_open_stream
 
     def snapshot(self) -> dict[str, Any]:
         """The agent's live state as the control API shows it."""
@@ -74,10 +94,22 @@ class AgentState:
             heartbeat = iso_utc(time.time() - age)
             rtt = session.rtt
         since = self.connected_since
+        since_text = iso_utc(since) if connected and since is not None else None
+        instances = []
+        if connected and session is not None:
+            instances.append(
+                {
+                    "instance": self.instance,
+                    "connected": True,
+                    "since": since_text,
+                    "peer": self.peer,
+                    "activeStreams": session.active_streams,
+                }
+            )
         return {
             "name": self.name,
             "connected": connected,
-            "since": iso_utc(since) if connected and since is not None else None,
+            "since": since_text,
             "lastHeartbeat": heartbeat,
             "peer": self.peer if connected else None,
             "activeStreams": session.active_streams if session is not None else 0,
@@ -88,6 +120,7 @@ class AgentState:
             "services": [_service_snapshot(s) for s in self.spec.services],
             "pins": list(self.spec.pins),
             "pin": self.tunnels.get(session) if session is not None and connected else None,
+            "instances": instances,  # one per relay instance holding a tunnel of this agent
         }
 
     def unpinned(self, pin: str | None) -> str | None:
@@ -119,6 +152,7 @@ class PortBinding:
     idle: IdleOrder[Any] = field(default_factory=lambda: IdleOrder(IdleClock()))
     connections: int = 0
     by_source: dict[Any, int] = field(default_factory=dict)  # open connections per client IP
+    closed: bool = False
 
     @property
     def agent(self) -> str:
@@ -126,6 +160,8 @@ class PortBinding:
 
     def close(self) -> None:
         """Drop the service's open connections."""
+        self.closed = True
+        self.state.tunnel_moved()  # clients held for the agent on this service give up
         for connection in self.idle:
             connection.abort()
 
@@ -231,9 +267,14 @@ class AgentRegistry:
         public_host: str,
         serve_port: Callable[[PublicPort], None],
         clock: IdleClock | None = None,
+        *,
+        instance: str = "",
+        reuse_port: bool = False,
     ) -> None:
         self.public_host = public_host
         self.clock = clock or IdleClock()  # of the idle orders; the relay advances it
+        self.instance = instance
+        self.reuse_port = reuse_port  # workers of one relay share every public port
         self._serve_port = serve_port
         self._agents: dict[str, AgentState] = {}
         self._ports: dict[PortKey, PublicPort] = {}
@@ -313,7 +354,9 @@ class AgentRegistry:
             changed = state is None or state.spec != spec
             ports = ", ".join(str(k) for k in sorted(wanted))
             if state is None:
-                state = self._agents[spec.name] = AgentState(spec, IdleOrder(self.clock))
+                state = self._agents[spec.name] = AgentState(
+                    spec, IdleOrder(self.clock), instance=self.instance
+                )
                 log.info("agent %r configured with ports %s", spec.name, ports)
             elif changed:
                 log.info("agent %r updated: ports %s", spec.name, ports)
@@ -348,6 +391,7 @@ class AgentRegistry:
                 self._release(public, state)
             if state.session is not None:
                 state.session.close(ErrorCode.UNAUTHORIZED, f"agent {name!r} was removed")
+            state.tunnel_moved()
             log.info("agent %r removed: ports closed, identity revoked", name)
             return True
 
@@ -361,7 +405,15 @@ class AgentRegistry:
     async def _bind(self, key: PortKey) -> list[socket.socket]:
         host = self.public_host
         try:
-            return await listen_sockets(host, key.port, udp=key.protocol == "udp")
+            # A TCP port is bound (it is ours: conflicts show now) but listens only once the
+            # ports room says so: an instance of several listens when the agent has joined it.
+            return await listen_sockets(
+                host,
+                key.port,
+                udp=key.protocol == "udp",
+                reuse_port=self.reuse_port,
+                listen=False,
+            )
         except PermissionError:
             raise PortNotPermittedError(
                 key.port,

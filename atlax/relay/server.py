@@ -23,6 +23,7 @@ from ..net import accept_sockets, close_listener, format_address, listen_sockets
 from ..protocol import ErrorCode
 from ..tls import TLSConfigError, file_fingerprint, relay_context
 from .admission import Admission
+from .instance import Instance
 from .observer import RelayObserver
 from .ports import PublicPorts
 from .registry import AgentRegistry
@@ -52,16 +53,35 @@ class Relay:
         observer: RelayObserver | None = None,
         tls_wait: float = 0.0,
         tls_check_interval: float = TLS_CHECK_INTERVAL,
+        instance: Instance | None = None,
+        reuse_port: bool = False,
+        listen_after_sync: bool = False,
     ) -> None:
         self.settings = settings
         self.observer = observer or RelayObserver()
         self.tls_wait = tls_wait
         self.tls_check_interval = tls_check_interval
+        # With a control socket the state comes from a client, who says when it is all there.
+        self.instance = instance or Instance(
+            workers=settings.workers,
+            replicas=settings.replicas,
+            synced=settings.control_socket is None,
+        )
+        self.reuse_port = reuse_port  # a worker: every port shared with the other workers
+        self.listen_after_sync = listen_after_sync  # a worker: no agents before its state
         self.clock = IdleClock()  # of the idle orders: advanced every second while serving
-        self.ports = PublicPorts(settings, self.observer, self.clock)
-        self.registry = AgentRegistry(settings.public_host, self.ports.serve, self.clock)
+        self.ports = PublicPorts(settings, self.observer, self.clock, self.instance)
+        self.registry = AgentRegistry(
+            settings.public_host,
+            self.ports.serve,
+            self.clock,
+            instance=self.instance.name,
+            reuse_port=reuse_port,
+        )
         self.budget: BufferBudget[MuxStream] = BufferBudget(settings.max_buffered_bytes, self.clock)
-        self.admission = Admission(settings, self.registry, self.observer, self.budget)
+        self.admission = Admission(
+            settings, self.registry, self.observer, self.budget, self.instance
+        )
         self._initial = tuple(agents)
         self._tg: anyio.abc.TaskGroup | None = None
         self._listeners: list[socket.socket] = []
@@ -78,17 +98,17 @@ class Relay:
         s = self.settings
         await self._wait_for_tls_files()
         self.admission.context = relay_context(s.ca, s.cert, s.key)
-        self._listeners = await listen_sockets(s.listen.host, s.listen.port)
-        self.listen_addresses = [local_address(sock) for sock in self._listeners]
+        if not self.listen_after_sync:
+            await self._listen()
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = self.ports.task_group = self.admission.task_group = tg
                 for spec in self._initial:
                     await self.registry.apply_agent(spec)
-                addresses = ", ".join(format_address(a) for a in self.listen_addresses)
-                log.info("relay listening for agents on %s", addresses)
-                for sock in self._listeners:
-                    tg.start_soon(accept_sockets, sock, self.admission.admit)
+                if self.listen_after_sync:
+                    tg.start_soon(self._listen_when_synced)
+                else:
+                    self._accept_agents()
                 tg.start_soon(self._watch_tls_files)
                 tg.start_soon(self._trim_heap_after_bursts)
                 tg.start_soon(self._tick)
@@ -98,12 +118,36 @@ class Relay:
             for sock in self._listeners:
                 close_listener(sock)
 
+    async def _listen(self) -> None:
+        s = self.settings
+        self._listeners = await listen_sockets(
+            s.listen.host, s.listen.port, reuse_port=self.reuse_port
+        )
+        self.listen_addresses = [local_address(sock) for sock in self._listeners]
+
+    def _accept_agents(self) -> None:
+        assert self._tg is not None
+        addresses = ", ".join(format_address(a) for a in self.listen_addresses)
+        log.info("relay instance %s listening for agents on %s", self.instance.name, addresses)
+        for sock in self._listeners:
+            self._tg.start_soon(accept_sockets, sock, self.admission.admit)
+
+    async def _listen_when_synced(self) -> None:
+        """A worker joins the agent port's listeners only once it knows its agents: an agent
+        that reached it earlier would be refused as unknown."""
+        await self.instance.synced_event.wait()
+        if not self.shutting_down:
+            await self._listen()
+            self._accept_agents()
+
     def readiness(self) -> tuple[bool, str]:
         """Whether the relay takes agents and clients, and if not, why."""
         if self.shutting_down:
             return False, "shutting down"
         if not self.ready.is_set():
             return False, "starting"
+        if not self.instance.synced:
+            return False, "waiting for its control state"
         return True, "listening"
 
     async def _wait_for_tls_files(self) -> None:
@@ -162,8 +206,8 @@ class Relay:
         for sock in self._listeners:
             close_listener(sock)
         for public in self.registry.ports():
-            public.stop_listening()  # no new clients; open ones keep running
-        sessions = self.registry.sessions()
+            await self.ports.stop_accepting(public)  # queued clients in; open ones run on
+        sessions = list(self.admission.tunnels)  # joined, not yet joined, being replaced
         for session in sessions:
             session.close(ErrorCode.NO_ERROR, "relay shutting down")
         with anyio.move_on_after(grace):
