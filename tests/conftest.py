@@ -91,6 +91,9 @@ def agent_settings(
         "key": key,
         "backoff_initial": 0.05,
         "backoff_cap": 0.5,
+        # The default connect timeout (3 s: TCP and TLS) is short on purpose; a loaded test
+        # machine may take longer for a TLS handshake, and a retry is not what a test checks.
+        "connect_timeout": 10.0,
         "keepalive_interval": 1.0,
         "keepalive_timeout": 3.0,
     }

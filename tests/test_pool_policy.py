@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 
-from atlax.pool_policy import Failure, PoolConfig, TunnelPoolPolicy, Verdict
+from atlax.agent.policy import Failure, PoolConfig, TunnelPoolPolicy, Verdict
 
 A, B, C, D = 0x2A5F01C3, 0x11111111, 0x22222222, 0x33333333
 CONFIG = PoolConfig()

@@ -145,18 +145,21 @@ class TunnelPoolPolicy:
         self._failures += 1
         c = self.config
         if failure is Failure.NETWORK and self._fast(now):
-            self._next_dial = now + self.rng.uniform(*c.fast_retry)
+            self._next_dial = now + self._fast_delay()
         elif len(self._held) >= self._target and self._held:
             self._next_dial = now + self._probe_delay()  # a probe failed; the pool is whole
         else:
             ceiling = min(c.backoff_cap, c.backoff_initial * 2 ** (self._failures - 1))
             self._next_dial = now + self.rng.uniform(0, ceiling)
 
-    def lost(self, instance: Instance, up_for: float, now: float) -> None:
-        """A held tunnel ended without the pool asking (reset, keepalive, the relay's GOAWAY)."""
+    def lost(self, instance: Instance, up_for: float, now: float, refused: bool = False) -> None:
+        """A held tunnel ended without the pool asking (reset, keepalive, the relay's GOAWAY).
+        `refused`: the relay ended it with an error (revoked identity, flood): backoff."""
         if self._held.pop(instance, None) is None:
             return
-        if up_for >= self.config.healthy_after:
+        if refused:
+            self.dial_failed(Failure.REFUSED, now)
+        elif up_for >= self.config.healthy_after:
             self._lost_at = now
             self._failures = 0
             soon = now + self.rng.uniform(0, self.config.first_retry)
@@ -216,7 +219,7 @@ class TunnelPoolPolicy:
         retiring = any(h.retiring for h in self._held.values())
         if retiring or len(self._held) < self._target:
             if self._fast(now):  # an instance was lost a moment ago: find its successor soon
-                self._next_dial = now + self.rng.uniform(*c.fast_retry)
+                self._next_dial = now + self._fast_delay()
                 return
             first = self.rng.uniform(*c.fill)
             self._next_dial = now + min(c.probe_interval, first * c.fill_growth**self._duplicates)
@@ -227,6 +230,12 @@ class TunnelPoolPolicy:
 
     def _fast(self, now: float) -> bool:
         return self._lost_at is not None and now - self._lost_at <= self.config.fast_retry_window
+
+    def _fast_delay(self) -> float:
+        """The fast pace, within the configured backoff cap (a user who set 0.5 s gets 0.5 s)."""
+        low, high = self.config.fast_retry
+        cap = self.config.backoff_cap
+        return self.rng.uniform(min(low, cap), min(high, cap))
 
     def _probe_delay(self) -> float:
         c = self.config
