@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -73,10 +74,42 @@ def cmd_relay(args: argparse.Namespace) -> int:
             f"{args.config}: [[agents]] cannot be combined with control_socket; "
             "with a control socket, agents come from the control API only"
         )
+    workers = config.relay.workers if args.workers is None else args.workers
+    if args.worker:  # started by a supervisor (not in --help)
+        from .relay_main import RelayMain, WorkerSpec, die_with_supervisor
+
+        spec = WorkerSpec.from_json(args.worker)
+        die_with_supervisor(spec.supervisor)
+        worker = RelayMain(config.relay, config.agents, tls_wait=args.wait_for_tls, worker=spec)
+        return _run(_serve_relay, worker)
+    if workers > 1:
+        from .supervisor.main import Supervisor
+
+        supervisor = Supervisor(
+            config,
+            Path(args.config).resolve(),
+            workers,
+            tls_wait=args.wait_for_tls,
+            log_level=args.log_level,
+        )
+        return _run(_supervise, supervisor)
     from .relay_main import RelayMain
 
     relay = RelayMain(config.relay, config.agents, tls_wait=args.wait_for_tls)
     return _run(_serve_relay, relay)
+
+
+async def _supervise(supervisor: Any) -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.serve)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                clean = await supervisor.shutdown()
+                tg.cancel_scope.cancel()
+                if not clean:
+                    raise SystemExit(1)
+                return
 
 
 async def _serve_relay(relay: RelayMain) -> None:
@@ -254,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     relay.add_argument("--config", required=True, help="relay.toml (see README)")
     relay.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help="run N relay processes sharing every port (SO_REUSEPORT) under a supervisor that "
+        "owns the control socket and metrics; default: `workers` in [relay], else 1",
+    )
+    relay.add_argument("--worker", help=argparse.SUPPRESS)  # what a supervisor tells a worker
+    relay.add_argument(
         "--wait-for-tls",
         type=float,
         default=0.0,
@@ -320,6 +361,16 @@ def _extend(sub: Any) -> None:
         mod.register(sub)
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError("must be between 1 and 64")
+    return value
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     print(f"atlax: error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -356,9 +407,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    who = ""
+    if getattr(args, "worker", None):  # a supervisor's worker: say which in every line
+        try:
+            who = f"worker {json.loads(args.worker)['index']} "
+        except (ValueError, KeyError, TypeError):
+            raise SystemExit("atlax: error: --worker is for the relay's supervisor only") from None
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
     )
     try:
         result: int = args.func(args)

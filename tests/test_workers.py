@@ -14,7 +14,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from atlax.supervisor.workers import Worker, WorkerSet, new_instance_id
+from atlax.relay.instance import new_instance_id
+from atlax.supervisor.workers import Worker, WorkerSet
 
 pytestmark = pytest.mark.anyio
 

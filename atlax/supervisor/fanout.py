@@ -112,16 +112,32 @@ class FanOutRegistry:
                     )
             return True
 
-    async def sync(self, client: ControlClient, cluster: dict[str, Any]) -> None:
-        """Give one (new) worker the whole desired state, then its cluster (which makes it listen
-        for agents and count as ready)."""
-        for spec in list(self.desired.values()):
-            status, data = await client.call("PUT", f"/agents/{spec.name}", _body(spec))
-            if status != 200:
-                raise WorkerFailedError(f"PUT /agents/{spec.name}: HTTP {status}: {_error(data)}")
-        status, data = await client.call("PUT", "/cluster", cluster)
-        if status != 200:
-            raise WorkerFailedError(f"PUT /cluster: HTTP {status}: {_error(data)}")
+    async def sync(self, client: ControlClient, cluster: dict[str, Any] | None) -> None:
+        """Give one (new) worker the whole desired state, then its cluster if known (which makes
+        it listen for agents)."""
+        async with self._lock:  # no change may slip in between
+            for spec in list(self.desired.values()):
+                status, data = await client.call("PUT", f"/agents/{spec.name}", _body(spec))
+                if status != 200:
+                    raise WorkerFailedError(
+                        f"PUT /agents/{spec.name}: HTTP {status}: {_error(data)}"
+                    )
+            if cluster is not None:
+                status, data = await client.call("PUT", "/cluster", cluster)
+                if status != 200:
+                    raise WorkerFailedError(f"PUT /cluster: HTTP {status}: {_error(data)}")
+
+    async def set_cluster(self, cluster: dict[str, Any]) -> None:
+        """PUT /cluster on every ready worker; raises if one did not take it."""
+        async with self._lock:
+            clients = self._clients()
+            for client, (status, data) in zip(
+                clients, await _each(clients, "PUT", "/cluster", cluster), strict=True
+            ):
+                if status != 200:
+                    raise WorkerFailedError(
+                        f"PUT /cluster on {client.path}: HTTP {status}: {_error(data)}"
+                    )
 
     async def _everywhere(
         self, method: str, path: str, body: Any, undo: tuple[str, str, Any]

@@ -12,7 +12,6 @@ timeout) and waits; a worker still running `kill_after` seconds later is killed.
 from __future__ import annotations
 
 import logging
-import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,19 +20,13 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from ..relay.instance import new_instance_id
+
 log = logging.getLogger("atlax.workers")
 
 RESTART_INITIAL = 0.5
 RESTART_CAP = 30.0
 STABLE_AFTER = 60.0  # a worker up this long resets the restart backoff
-
-
-def new_instance_id(taken: set[int]) -> int:
-    """A random nonzero 32-bit instance id that none of `taken` has."""
-    while True:
-        candidate = secrets.randbits(32)
-        if candidate and candidate not in taken:
-            return candidate
 
 
 @dataclass(eq=False)
