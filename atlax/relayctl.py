@@ -31,8 +31,21 @@ def register(sub: Any) -> None:
     actions = p.add_subparsers(dest="relayctl_command", metavar="ACTION", required=True)
     actions.add_parser("health", help="is the relay alive", description="GET /healthz")
     actions.add_parser("list", help="all agents and their live state", description="GET /agents")
-    get = actions.add_parser("get", help="one agent's live state", description="GET /agents/NAME")
+    get = actions.add_parser(
+        "get",
+        help="one agent's live state",
+        description="GET /agents/NAME: the agent's state as JSON, with `instances`: one entry "
+        "per relay instance that holds a tunnel of this agent.",
+    )
     get.add_argument("name")
+    cluster = actions.add_parser(
+        "cluster",
+        help="the relay instances: ids, workers, replicas, cluster size",
+        description="GET /cluster; with --replicas, PUT /cluster: tell the relay how many relays "
+        "serve behind its load balancer (the cluster size is its workers times that). A control "
+        "client sends it after its agents: the relay counts as ready from then on.",
+    )
+    cluster.add_argument("--replicas", type=int, metavar="N", help="set the replicas")
     put = actions.add_parser(
         "put",
         help="set an agent's services and public ports",
@@ -113,31 +126,54 @@ def run(args: argparse.Namespace) -> int:
         method, path, payload = "GET", f"/agents/{args.name}", None
     elif command == "list":
         method, path, payload = "GET", "/agents", None
+    elif command == "cluster":
+        if args.replicas is None:
+            method, path, payload = "GET", "/cluster", None
+        else:
+            method, path, payload = "PUT", "/cluster", {"replicas": args.replicas}
     else:
         method, path, payload = "GET", "/healthz", None
 
     async def call() -> tuple[int, Any]:
         return await client.call(method, path, payload)
 
+    async def size() -> int | None:
+        status, cluster = await client.call("GET", "/cluster")
+        return cluster.get("size") if status == 200 and isinstance(cluster, dict) else None
+
     status, data = anyio.run(call)
     if status >= 400:
         message = data.get("error") if isinstance(data, dict) else data
         raise ControlSocketError(f"{method} {path}: HTTP {status}: {message}")
     if command == "list" and isinstance(data, dict):
-        _print_table(data.get("agents", []))
+        _print_table(data.get("agents", []), anyio.run(size))
     else:
         print(json.dumps(data, indent=2))
     return 0
 
 
-def _print_table(agents: list[dict[str, Any]]) -> None:
-    rows = [("NAME", "CONNECTED", "PORTS", "STREAMS", "BYTES IN", "BYTES OUT", "LAST HEARTBEAT")]
+def _print_table(agents: list[dict[str, Any]], size: int | None) -> None:
+    """One line per agent; INSTANCES: the relay instances holding its tunnel, of how many."""
+    rows = [
+        (
+            "NAME",
+            "CONNECTED",
+            "INSTANCES",
+            "PORTS",
+            "STREAMS",
+            "BYTES IN",
+            "BYTES OUT",
+            "LAST HEARTBEAT",
+        )
+    ]
     for a in agents:
         ports = ",".join(_port_text(s) for s in a.get("services", []))
+        held = str(len(a.get("instances", [])))
         rows.append(
             (
                 a["name"],
                 "yes" if a["connected"] else "no",
+                held if size is None else f"{held}/{size}",
                 ports or "-",
                 str(a["activeStreams"]),
                 str(a["bytesIn"]),
