@@ -504,8 +504,22 @@ def test_relay_restart_is_repaired(stack: Stack) -> None:
                     )
                 )
                 assert await exchange(port, b"after") == b"after"
+                # The operator told the restarted relay that its state is complete: ready.
+                await anyio.to_thread.run_sync(
+                    lambda: wait_for(lambda: relay_synced(stack), 30, "the relay to be synced")
+                )
 
     anyio.run(run)
+
+
+def relay_synced(stack: Stack) -> bool:
+    async def ask() -> bool:
+        return bool((await ControlClient(stack.socket, timeout=3).cluster())["synced"])
+
+    try:
+        return anyio.run(ask)
+    except ControlSocketError:
+        return False
 
 
 @pytest.mark.k8s

@@ -182,6 +182,7 @@ async def _serve(
     await reconciler.wait_for_relay()
     async with asyncio.TaskGroup() as tg:
         keeper = tg.create_task(reconciler.keep_relay_certificate())
+        syncer = tg.create_task(reconciler.keep_relay_synced())
         try:
             await kopf.operator(
                 registry=registry,
@@ -191,3 +192,4 @@ async def _serve(
             )
         finally:
             keeper.cancel()
+            syncer.cancel()

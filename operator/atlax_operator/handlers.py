@@ -200,6 +200,39 @@ class Reconciler:
             log.info("relay is up (relay id %s)", health.get("relayId"))
             return
 
+    async def keep_relay_synced(self, interval: float = 1.0) -> None:
+        """Tell the relay when its control state is complete: once every TunnelAgent whose
+        ports the relay can open is there (after a relay restart too), `PUT /cluster`. The
+        relay's /readyz stays false until then (docs/high-availability.md)."""
+        while True:
+            try:
+                await self._sync_relay()
+            except (ControlSocketError, ApiException, OSError) as exc:
+                log.debug("relay sync check: %s", kube.describe(exc))
+            await asyncio.sleep(interval)
+
+    async def _sync_relay(self) -> None:
+        client = self.state.client
+        status, cluster = await client.call("GET", "/cluster")
+        if status != 200 or not isinstance(cluster, dict) or cluster.get("synced"):
+            return  # synced already (or a relay without the cluster API)
+        items = await kube.list_custom(self.config.namespace, GROUP, VERSION, PLURAL)
+        wanted = {
+            item["metadata"]["name"]: _spec_ports(item.get("spec", {}))
+            for item in items
+            if not item["metadata"].get("deletionTimestamp")
+            and condition_true(item.get("status", {}).get("conditions", []), "PortsOpen")
+        }
+        listing = await client.agents()
+        live = {a["name"]: _relay_ports(a) for a in listing.get("agents", [])}
+        missing = sorted(n for n, ports in wanted.items() if live.get(n) != ports)
+        if missing:
+            log.debug("relay not synced yet: waiting for %s", ", ".join(missing))
+            return
+        status, _ = await client.set_cluster(1)
+        if status == 200:
+            log.info("relay has all %d TunnelAgent(s): marked synced (ready)", len(wanted))
+
     async def keep_relay_certificate(self, interval: float = RELAY_CERT_CHECK_INTERVAL) -> None:
         """Re-issue the relay's certificate two thirds into its lifetime (the relay reloads it)."""
         cfg = self.config
