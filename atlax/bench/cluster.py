@@ -107,6 +107,7 @@ class ClusterLab:
             f'[relay]\nlisten = "{host}:{self.agent_port}"\nca = "pki/ca.crt"\n'
             f'cert = "pki/relay.crt"\nkey = "pki/relay.key"\npublic_host = "{host}"\n'
             f'metrics = "{host}:{self.metrics_port}"\ndrain_timeout = {self.drain_timeout}\n'
+            f"replicas = {len(self.hosts)}\n"  # three relays: the cluster size they advertise
             "max_connections_per_port = 20000\nmax_connections_per_source = 20000\n"
             f'[[agents]]\nname = "bench"\nservices = [ {{ name = "echo", port = {self.echo_port} }} ]\n'
         )
@@ -203,7 +204,7 @@ class ClusterLab:
         (at most 30 s), while connections arrive at `rate` per second."""
         result = RolloutResult()
         stop = threading.Event()
-        client = threading.Thread(target=_client, args=(self.echo_port, rate, stop, result))
+        client = threading.Thread(target=client_at_rate, args=(self.echo_port, rate, stop, result))
         start = time.monotonic()
         client.start()
         try:
@@ -220,7 +221,7 @@ class ClusterLab:
         return result
 
 
-def _client(port: int, rate: float, stop: threading.Event, result: RolloutResult) -> None:
+def client_at_rate(port: int, rate: float, stop: threading.Event, result: RolloutResult) -> None:
     """One connection every 1/rate s, each in a thread of its own; waits for all at the end."""
     lock = threading.Lock()
     threads: list[threading.Thread] = []
@@ -228,7 +229,7 @@ def _client(port: int, rate: float, stop: threading.Event, result: RolloutResult
     def one() -> None:
         payload = os.urandom(PAYLOAD)
         try:
-            got = _echo(port, payload)
+            got = echo_once(port, payload)
         except OSError as exc:
             with lock:
                 result.failed += 1
@@ -257,7 +258,7 @@ def _client(port: int, rate: float, stop: threading.Event, result: RolloutResult
         thread.join()
 
 
-def _echo(port: int, payload: bytes) -> bytes:
+def echo_once(port: int, payload: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
         sock.settimeout(15)
         sock.sendall(payload)
