@@ -11,13 +11,17 @@ without it the run still prints the table and writes the JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .cluster import ClusterLab
+from .haproxy import HAPROXY
 from .harness import (
     SNI_NAME,
     BenchError,
@@ -51,9 +55,14 @@ METRICS: dict[str, tuple[str, str]] = {
     "udp_rtt_p99_us": ("µs", "lower"),
     "idle_10k_rss_mb": ("MB", "lower"),
     "stalled_neighbour_ratio": ("ratio", "higher"),
+    # High availability (docs/high-availability.md): atlax only.
+    "throughput_100_workers_2": ("MB/s", "higher"),
+    "convergence_ms": ("ms", "lower"),
+    "rollout_failed": ("conns", "lower"),
 }
 
 ROUNDS = 4  # throughput and round trips: each path's share is split into this many turns
+ROLLOUT_RATE = 20.0  # connections a second during the rolling restart
 
 SIZES = {
     # bytes for throughput_1, bytes for throughput_100, RTT samples, connect samples, idle streams
@@ -69,25 +78,36 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
         name: {"atlax": None, "ssh_r": None, "direct": None, "unit": unit}
         for name, (unit, _) in METRICS.items()
     }
-    with tempfile.TemporaryDirectory(prefix="atlax-bench-") as tmp, Lab(Path(tmp)) as lab:
+    with (
+        tempfile.TemporaryDirectory(prefix="atlax-bench-") as tmp,
+        Lab(Path(tmp)) as lab,
+        contextlib.ExitStack() as stack,
+    ):
         service = lab.services()
         paths: dict[str, Ports] = {"direct": service}
         log("starting Atlax relay + agent ...")
         paths["atlax"] = lab.atlax(service)
         log("starting sshd + ssh -R ...")
         paths["ssh_r"] = lab.ssh(service)
+        log("starting a second Atlax relay with --workers 2 + agent ...")
+        lab2 = stack.enter_context(Lab(Path(tmp) / "workers-2"))
+        paths["atlax_w2"] = lab2.atlax(service, workers=2)
         order = ["atlax", "ssh_r", "direct"]
-        for path in order:  # warm up every path once
+        for path in [*order, "atlax_w2"]:  # warm up every path once
             throughput(paths[path].sink, 8 << 20)
         for name, size, streams in (("throughput_1", one, 1), ("throughput_100", hundred, 100)):
             log(f"throughput, {streams} stream(s), {size >> 20} MiB in {ROUNDS} turns ...")
-            seconds = dict.fromkeys(order, 0.0)
+            turns = [*order, "atlax_w2"] if streams == 100 else order
+            seconds = dict.fromkeys(turns, 0.0)
             for _ in range(ROUNDS):
-                for path in order:
+                for path in turns:
                     share = size // ROUNDS
                     seconds[path] += share / 1e6 / throughput(paths[path].sink, share, streams)
             for path in order:
                 results[name][path] = size / 1e6 / seconds[path]
+            if "atlax_w2" in seconds:
+                results["throughput_100_workers_2"]["atlax"] = size / 1e6 / seconds["atlax_w2"]
+        stack.close()  # the --workers 2 relay is done: no background load on what follows
         log(f"64-byte round trips x{rtt_n} in {ROUNDS} turns ...")
         samples: dict[str, list[float]] = {path: [] for path in order}
         for _ in range(ROUNDS):
@@ -125,6 +145,7 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
         results["stalled_neighbour_ratio"]["atlax"] = stalled_neighbour_ratio(
             paths["atlax"].sink, source, one // 2
         )
+        high_availability(results, Path(tmp) / "cluster", quick, log)
         log(f"relay memory with {idle_n} idle streams ...")
         hold = paths["atlax"].hold
         assert hold is not None
@@ -132,6 +153,32 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
         # --quick opens fewer idle streams: the figure then only proves the measurement works.
         results["idle_10k_rss_mb"]["atlax"] = idle_streams_rss(lab, hold, idle_n)
     return results
+
+
+def high_availability(
+    results: dict[str, dict[str, Any]], directory: Path, quick: bool, log: Callable[[str], None]
+) -> None:
+    """convergence_ms and rollout_failed on three relays behind HAProxy (None without it)."""
+    if not Path(HAPROXY).exists():
+        log("haproxy is missing (apt-get install haproxy): no convergence_ms, rollout_failed")
+        return
+    directory.mkdir()
+    with Lab(directory) as lab:
+        cluster = ClusterLab(lab, balance="random")
+        try:
+            log("starting 3 relays behind HAProxy (balance random on the agent port) ...")
+            cluster.start()
+            runs = 1 if quick else 5
+            log(f"convergence: agent start -> a tunnel to each of 3 instances, x{runs} ...")
+            times = [cluster.convergence_ms() for _ in range(runs)]
+            reached = [t for t in times if t is not None]
+            results["convergence_ms"]["atlax"] = statistics.median(reached) if reached else None
+            log(f"rolling restart of 3 relays at {ROLLOUT_RATE:g} connections/s ...")
+            rollout = cluster.rollout(ROLLOUT_RATE, settle=1.0 if quick else 2.0)
+            results["rollout_failed"]["atlax"] = rollout.failed + rollout.corrupted
+            results["rollout_failed"]["attempted"] = rollout.attempted
+        finally:
+            cluster.stop()
 
 
 def ratio(name: str, row: dict[str, Any]) -> float | None:
@@ -158,6 +205,14 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         )
         lines.append(
             f"{name:<26}{fmt(row['atlax']):>12}{fmt(row['ssh_r']):>12}{fmt(row['direct']):>12}  {row['unit']:<6}{note:>14}"
+        )
+    one, two = results["throughput_100"]["atlax"], results["throughput_100_workers_2"]["atlax"]
+    if one and two:
+        lines.append(f"relay --workers 2 / --workers 1, 100 streams: {two / one:.2f}x")
+    if results["rollout_failed"].get("attempted"):
+        row = results["rollout_failed"]
+        lines.append(
+            f"rolling restart: {row['atlax']:.0f} of {row['attempted']} connections failed"
         )
     return "\n".join(lines)
 

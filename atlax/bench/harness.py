@@ -116,7 +116,8 @@ class Lab:
 
     # -- Atlax ---------------------------------------------------------------------------------
 
-    def atlax(self, service: Ports) -> Ports:
+    def atlax(self, service: Ports, workers: int = 1) -> Ports:
+        """The Atlax path: a relay (`--workers N`), an agent, the service behind it."""
         pki = bench_pki(self.dir / "pki")
         public = Ports(free_port(), free_port(), free_port(), free_port(), free_port(), free_port())
         agent_port, self.metrics_port = free_port(), free_port()
@@ -145,6 +146,8 @@ class Lab:
             "relay",
             "--config",
             str(config),
+            "--workers",
+            str(workers),
         ]
         self.relay = self.spawn("relay", self.relay_argv)
         self.relay_pid = self.relay.pid
