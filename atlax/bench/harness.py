@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import resource
 import shutil
@@ -36,6 +37,21 @@ LIMITED = (
 def raise_fd_limit() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, NOFILE), hard))
+
+
+def stable_port(host: str = "127.0.0.1") -> int:
+    """A free port below the kernel's ephemeral range (32768 and up), for a relay that is stopped
+    and started again on the same ports: while it is down, a port that some other process's
+    `bind(0)` or outgoing connection may pick is taken more often than one might think."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        return port
+    return free_port(host)
 
 
 def bench_pki(pki: Path) -> Path:
@@ -119,8 +135,8 @@ class Lab:
     def atlax(self, service: Ports, workers: int = 1) -> Ports:
         """The Atlax path: a relay (`--workers N`), an agent, the service behind it."""
         pki = bench_pki(self.dir / "pki")
-        public = Ports(free_port(), free_port(), free_port(), free_port(), free_port(), free_port())
-        agent_port, self.metrics_port = free_port(), free_port()
+        public = Ports(*(stable_port() for _ in range(6)))
+        agent_port, self.metrics_port = stable_port(), free_port()
         services = ", ".join(
             f'{{ name = "{n}", port = {getattr(public, n)} }}'
             for n in ("sink", "echo", "hold", "source")

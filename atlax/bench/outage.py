@@ -55,6 +55,9 @@ def one_outage(
     started = time.monotonic()
     returned: float | None = None
     while time.monotonic() - started < GIVE_UP:
+        if lab.relay is not None and lab.relay.poll() is not None:
+            log = (lab.dir / "relay.log").read_text(errors="replace").strip().splitlines()
+            raise BenchError(f"the relay did not start again: {log[-1] if log else 'no log'}")
         result = probe(port)
         now = time.monotonic()
         if result != "refused" and returned is None:
