@@ -58,6 +58,11 @@ async def _resolve(value: T | Awaitable[T]) -> T:
     return value
 
 
+class RegistryUnavailableError(Exception):
+    """The registry could not apply a change now (a supervisor's worker failed it); nothing was
+    changed. Answered with 503 and the message."""
+
+
 class Registry(Protocol):
     """What the control API reads and changes: the relay's `AgentRegistry`, or anything that
     answers the same way (a supervisor fanning out to relay workers, whose reads are awaited)."""
@@ -176,7 +181,11 @@ class ControlServer:
         if req.method == "PUT":
             return await self._put(name, req.body)
         if req.method == "DELETE":
-            if not await self.registry.remove_agent(name):
+            try:
+                removed = await self.registry.remove_agent(name)
+            except RegistryUnavailableError as exc:
+                return Response.error(503, str(exc))
+            if not removed:
                 return Response.error(404, f"agent {name!r} is not configured")
             return Response.json(200, {"deleted": name})
         return _method_not_allowed("GET, PUT, DELETE")
@@ -206,6 +215,8 @@ class ControlServer:
             return Response.error(403, str(exc), port=exc.port)
         except PortConflictError as exc:
             return Response.error(409, str(exc), port=exc.port)
+        except RegistryUnavailableError as exc:
+            return Response.error(503, str(exc))
         agent = await _resolve(self.registry.agent(name))
         return Response.json(200, {"changed": changed, "agent": agent})
 
@@ -226,7 +237,10 @@ class ControlServer:
                 400,
                 f'request body must be {{"replicas": N}} with N a whole number 1..{MAX_REPLICAS}',
             )
-        return Response.json(200, await cluster.set_cluster(replicas))
+        try:
+            return Response.json(200, await cluster.set_cluster(replicas))
+        except RegistryUnavailableError as exc:
+            return Response.error(503, str(exc))
 
 
 def _method_not_allowed(allowed: str) -> Response:

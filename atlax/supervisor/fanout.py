@@ -18,6 +18,7 @@ import anyio
 
 from ..config import AgentSpec
 from ..control.client import ControlClient, ControlSocketError
+from ..control.server import RegistryUnavailableError
 from ..relay.registry import PortConflictError
 
 log = logging.getLogger("atlax.supervisor")
@@ -25,8 +26,9 @@ log = logging.getLogger("atlax.supervisor")
 SUMMED = ("activeStreams", "streamsTotal", "bytesIn", "bytesOut")
 
 
-class WorkerFailedError(Exception):
-    """A worker answered a change with something other than success or a port conflict."""
+class WorkerFailedError(RegistryUnavailableError):
+    """A worker answered a change with something other than success or a port conflict (the
+    control API answers 503 with this message; nothing was changed)."""
 
 
 def merge_agent(views: Sequence[dict[str, Any]]) -> dict[str, Any]:
