@@ -17,7 +17,7 @@ from atlax.control.client import ControlClient
 from atlax.demo import free_port
 from atlax.relay import PortConflictError
 from atlax.relay_main import RelayMain
-from atlax.supervisor.fanout import FanOutRegistry, merge_agent, merge_agents
+from atlax.supervisor.fanout import FanOutRegistry, WorkerFailedError, merge_agent, merge_agents
 
 pytestmark = pytest.mark.anyio
 
@@ -90,6 +90,22 @@ async def test_a_refusal_on_one_worker_is_undone_on_the_others(pki: Pki, tmp_pat
                 await registry.apply_agent(spec("office", smb=second))
             assert await registry.agent("office") is None
             assert "office" not in registry.desired
+
+
+async def test_a_worker_that_cannot_be_reached_fails_the_change_everywhere(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A worker that does not answer (it is dying) fails the change: the one that applied it
+    gets it undone, and the control API answers 503 with the reason (WorkerFailedError)."""
+    port = free_everywhere()
+    async with workers(pki, tmp_path):
+        live = ControlClient(tmp_path / "run" / "worker-0.sock")
+        dead = ControlClient(tmp_path / "run" / "gone.sock", timeout=2)
+        broken = FanOutRegistry(lambda: [live, dead])
+        with pytest.raises(WorkerFailedError, match=r"gone\.sock"):
+            await broken.apply_agent(spec("home-nas", web=port))
+        assert not listening(HOSTS[0], port)
+        assert "home-nas" not in broken.desired
 
 
 def view(**fields: object) -> dict[str, object]:
