@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 import random
 
-from atlax.agent.policy import Failure, PoolConfig, TunnelPoolPolicy, Verdict
+from atlax.agent.policy import (
+    RESTART_BACKOFF_CAP,
+    Failure,
+    PoolConfig,
+    TunnelPoolPolicy,
+    Verdict,
+)
 
 A, B, C, D = 0x2A5F01C3, 0x11111111, 0x22222222, 0x33333333
 CONFIG = PoolConfig()
@@ -77,7 +83,7 @@ def test_refusals_back_off_exponentially_with_full_jitter_up_to_the_cap() -> Non
 
 
 def test_a_lost_healthy_tunnel_is_retried_at_a_short_pace_through_a_long_outage() -> None:
-    """The relay restarts: refused for 60 s, yet every retry comes within 1.5 s of the last."""
+    """The relay restarts: refused for 60 s, yet every retry comes within 1 s of the last."""
     p = policy()
     join(p, A, 1, 0.0)
     p.lost(A, up_for=100.0, now=100.0)
@@ -85,7 +91,7 @@ def test_a_lost_healthy_tunnel_is_retried_at_a_short_pace_through_a_long_outage(
     now = p.next_dial_at()
     while now < 160.0:
         p.dial_failed(Failure.NETWORK, now)
-        assert 0.5 <= delay(p, now) <= 1.5
+        assert 0.2 <= delay(p, now) <= 1.0
         now = p.next_dial_at()
     join(p, D, 1, now)  # the restarted relay is a new instance
     assert p.instances() == [D]
@@ -102,7 +108,7 @@ def test_after_the_fast_window_and_for_refusals_the_backoff_returns() -> None:
         now = 100.0 + CONFIG.fast_retry_window + 1 + i
         p.dial_failed(Failure.NETWORK, now)
         upper.append(delay(p, now))
-    assert max(upper) > 1.5  # growing again
+    assert max(upper) > 1.0  # growing again
     assert all(d <= CONFIG.backoff_cap for d in upper)
 
 
@@ -125,7 +131,7 @@ def test_a_lost_instance_is_sought_at_the_fast_pace_even_among_duplicates() -> N
     for _ in range(15):  # the load balancer keeps answering with the two left
         assert p.verdict(A, 3, now) is Verdict.DUPLICATE
         p.duplicate(now)
-        assert 0.5 <= delay(p, now) <= 1.5
+        assert 0.2 <= delay(p, now) <= 1.0
         now = p.next_dial_at()
     join(p, D, 3, now)
     assert 24.0 <= delay(p, now) <= 36.0
@@ -196,3 +202,24 @@ def test_the_target_is_capped_by_max_tunnels() -> None:
     p = policy()
     join(p, A, 1000, 0.0)
     assert p.target == CONFIG.max_tunnels
+
+
+def test_a_relay_that_said_it_is_going_away_is_retried_fast_however_short_its_tunnel() -> None:
+    """GOAWAY NO_ERROR (a rollout, a deleted pod): fast retries even for a tunnel up a moment."""
+    p = policy()
+    join(p, A, 1, 0.0)
+    p.lost(A, up_for=0.5, now=1.0, going_away=True)
+    now = p.next_dial_at()
+    for _ in range(20):
+        p.dial_failed(Failure.NETWORK, now)
+        assert 0.2 <= delay(p, now) <= RESTART_BACKOFF_CAP
+        now = p.next_dial_at()
+
+
+def test_the_fast_pace_stays_within_a_smaller_backoff_cap() -> None:
+    p = TunnelPoolPolicy(PoolConfig(backoff_cap=0.3), random.Random(3), 0.0)
+    join(p, A, 1, 0.0)
+    p.lost(A, up_for=100.0, now=100.0)
+    for i in range(10):
+        p.dial_failed(Failure.NETWORK, 100.0 + i)
+        assert delay(p, 100.0 + i) <= 0.3

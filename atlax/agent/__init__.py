@@ -6,8 +6,9 @@ tunnel.py    one tunnel: dial, TLS, the relay's SETTINGS, JOIN or close as a dup
 services.py  a stream to its local service (and the PROXY protocol header)
 """
 
+from .policy import RESTART_BACKOFF_CAP
 from .pool import Agent
 from .services import proxy_v2_header
 from .tunnel import TUNNEL_SETTINGS
 
-__all__ = ["TUNNEL_SETTINGS", "Agent", "proxy_v2_header"]
+__all__ = ["RESTART_BACKOFF_CAP", "TUNNEL_SETTINGS", "Agent", "proxy_v2_header"]

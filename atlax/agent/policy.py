@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 Instance = int | None
 
 MAX_CLUSTER_SIZE = 65535
+# The longest wait between dials while a relay that was up (or said it is going away) comes back.
+RESTART_BACKOFF_CAP = 1.0
 
 
 class Verdict(enum.Enum):
@@ -56,7 +58,7 @@ class PoolConfig:
     probe_interval: float = 30.0
     probe_jitter: float = 0.2  # each probe interval is +-20 %
     fast_retry_window: float = 120.0  # after losing a healthy tunnel
-    fast_retry: tuple[float, float] = (0.5, 1.5)  # seconds between fast retries (uniform)
+    fast_retry: tuple[float, float] = (0.2, RESTART_BACKOFF_CAP)  # between fast retries
     first_retry: float = 0.5  # the first dial after a loss: uniform 0 .. this
     fill: tuple[float, float] = (0.1, 0.3)  # below the target: the first delay (uniform) ...
     fill_growth: float = 1.5  # ... times this for each duplicate in a row, up to probe_interval
@@ -152,14 +154,24 @@ class TunnelPoolPolicy:
             ceiling = min(c.backoff_cap, c.backoff_initial * 2 ** (self._failures - 1))
             self._next_dial = now + self.rng.uniform(0, ceiling)
 
-    def lost(self, instance: Instance, up_for: float, now: float, refused: bool = False) -> None:
+    def lost(
+        self,
+        instance: Instance,
+        up_for: float,
+        now: float,
+        *,
+        refused: bool = False,
+        going_away: bool = False,
+    ) -> None:
         """A held tunnel ended without the pool asking (reset, keepalive, the relay's GOAWAY).
-        `refused`: the relay ended it with an error (revoked identity, flood): backoff."""
+        `refused`: the relay ended it with an error (revoked identity, flood): backoff.
+        `going_away`: the relay said it is going away (GOAWAY NO_ERROR: a rollout, a deleted
+        pod): it, or its successor, is back in seconds however briefly the tunnel was up."""
         if self._held.pop(instance, None) is None:
             return
         if refused:
             self.dial_failed(Failure.REFUSED, now)
-        elif up_for >= self.config.healthy_after:
+        elif going_away or up_for >= self.config.healthy_after:
             self._lost_at = now
             self._failures = 0
             soon = now + self.rng.uniform(0, self.config.first_retry)

@@ -29,7 +29,7 @@ from ..protocol import ErrorCode
 from ..tls import file_fingerprint
 from .policy import Instance, PoolConfig, TunnelPoolPolicy, Verdict
 from .services import Services
-from .tunnel import DialFailed, Tunnel, describe_end, refused
+from .tunnel import DialFailed, Tunnel, describe_end, going_away, refused
 
 log = logging.getLogger("atlax.agent")
 
@@ -172,7 +172,13 @@ class Agent:
             if not released:
                 reason = describe_end(end)
                 self.last_error = reason  # before the tunnel is gone: whoever saw it go reads it
-                policy.lost(tunnel.instance, now - tunnel.up_at, now, refused=refused(end))
+                policy.lost(
+                    tunnel.instance,
+                    now - tunnel.up_at,
+                    now,
+                    refused=refused(end),
+                    going_away=going_away(end),
+                )
                 log.warning("tunnel to %s ended: %s", tunnel.name, reason)
             del self.tunnels[tunnel.instance]
         if not self.tunnels:

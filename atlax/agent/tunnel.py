@@ -8,6 +8,8 @@ tunnel; the fingerprint of the files a tunnel was made with tells the pool which
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 
 import anyio
@@ -37,6 +39,8 @@ TUNNEL_SETTINGS = Settings(
     datagrams=True,
     tunnel_pool=True,
 )
+# A connect with no answer after this long gets a fresh one beside it (see `dial`).
+REDIAL_AFTER = 2.0
 
 
 class DialFailed(Exception):
@@ -62,6 +66,13 @@ def refused(end: ConnectionEnd | None) -> bool:
     """The relay ended the tunnel with an error (a refused identity, a flood): back off."""
     return (
         end is not None and end.reason is EndReason.PEER_GOAWAY and end.code != ErrorCode.NO_ERROR
+    )
+
+
+def going_away(end: ConnectionEnd | None) -> bool:
+    """The relay said it is going away (GOAWAY NO_ERROR: a rollout, a deleted pod)."""
+    return (
+        end is not None and end.reason is EndReason.PEER_GOAWAY and end.code == ErrorCode.NO_ERROR
     )
 
 
@@ -106,10 +117,10 @@ class Tunnel:
         try:
             with anyio.fail_after(s.connect_timeout):
                 # The name is resolved again on every dial: a replaced relay may have moved.
+                sock = await dial(s.relay.host, s.relay.port, redial_after=REDIAL_AFTER)
                 transport, _ = await loop.create_connection(
                     lambda: self.session,
-                    s.relay.host,
-                    s.relay.port,
+                    sock=sock,
                     ssl=context,
                     server_hostname=s.server_name or s.relay.host,
                     ssl_handshake_timeout=s.connect_timeout + 1,
@@ -151,3 +162,61 @@ class Tunnel:
         self.session.close(ErrorCode.NO_ERROR, f"duplicate tunnel to {self.name}")
         with anyio.move_on_after(self.settings.connect_timeout):
             await self.session.run()
+
+
+async def dial(host: str, port: int, *, redial_after: float) -> socket.socket:
+    """A connected TCP socket to host:port; the caller bounds the time (cancellation).
+
+    An attempt still unanswered after `redial_after` seconds gets a fresh one beside it: the name
+    resolved again, a new source port. After a relay pod is replaced, the first SYN can sit in a
+    NAT entry that still points at the dead pod until the connect times out, while a new
+    connection reaches the new pod at once. The first attempt to connect wins; an attempt that
+    fails while none is pending ends the dial with its error.
+    """
+    loop = asyncio.get_running_loop()
+    attempts: set[asyncio.Task[socket.socket]] = set()
+    error: BaseException | None = None
+    try:
+        while True:
+            attempts.add(loop.create_task(_connect(loop, host, port)))
+            done, _ = await asyncio.wait(
+                attempts, timeout=redial_after, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                attempts.discard(task)
+                if task.exception() is None:
+                    return task.result()
+                error = task.exception()
+            if not attempts:
+                assert error is not None
+                raise error
+    finally:
+        for task in attempts:
+            task.cancel()
+        if attempts:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(attempts)
+            for task in attempts:  # connected after another attempt had won
+                if not task.cancelled() and task.exception() is None:
+                    task.result().close()
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    error: OSError | None = None
+    for family, type_, proto, _, address in await loop.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM
+    ):
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            # asyncio says "Connect call failed (address)": keep the errno's own words.
+            error = type(exc)(exc.errno, os.strerror(exc.errno)) if exc.errno else exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error or OSError(f"{host} has no address")

@@ -58,10 +58,11 @@ def one_outage(
         if lab.relay is not None and lab.relay.poll() is not None:
             log = (lab.dir / "relay.log").read_text(errors="replace").strip().splitlines()
             raise BenchError(f"the relay did not start again: {log[-1] if log else 'no log'}")
-        result = probe(port)
+        tried = time.monotonic()
+        result = probe(port)  # a client the relay holds for its agent returns when served
         now = time.monotonic()
         if result != "refused" and returned is None:
-            returned = now
+            returned = tried
         if result == "served":
             assert returned is not None
             with agent_log.open("rb") as handle:
