@@ -96,7 +96,8 @@ async def test_a_worker_that_cannot_be_reached_fails_the_change_everywhere(
     pki: Pki, tmp_path: Path
 ) -> None:
     """A worker that does not answer (it is dying) fails the change: the one that applied it
-    gets it undone, and the control API answers 503 with the reason (WorkerFailedError)."""
+    gets it undone, and the control API answers 503 with the reason (WorkerFailedError); a
+    revocation is not undone, but stays desired so that a retry reaches every worker."""
     port = free_everywhere()
     async with workers(pki, tmp_path):
         live = ControlClient(tmp_path / "run" / "worker-0.sock")
@@ -106,6 +107,14 @@ async def test_a_worker_that_cannot_be_reached_fails_the_change_everywhere(
             await broken.apply_agent(spec("home-nas", web=port))
         assert not listening(HOSTS[0], port)
         assert "home-nas" not in broken.desired
+        # A revocation that fails on one worker keeps the agent desired: a retry reaches it.
+        both = FanOutRegistry(lambda: [live])
+        await both.apply_agent(spec("home-nas", web=port))
+        both_then_dead = FanOutRegistry(lambda: [live, dead], both.desired.values())
+        with pytest.raises(WorkerFailedError, match="retry"):
+            await both_then_dead.remove_agent("home-nas")
+        assert "home-nas" in both_then_dead.desired
+        assert not listening(HOSTS[0], port)  # revoked where it could be
 
 
 def view(**fields: object) -> dict[str, object]:

@@ -99,19 +99,23 @@ class FanOutRegistry:
 
     async def remove_agent(self, name: str) -> bool:
         async with self._lock:
-            previous = self.desired.pop(name, None)
-            if previous is None:
+            if name not in self.desired:
                 return False
-            # A worker that answers 404 never had it: as good as removed. There is no undo:
-            # a revocation that reached some workers must not be handed back.
+            # A worker that answers 404 never had it: as good as removed. There is no undo: a
+            # revocation that reached some workers must not be handed back. If one failed, the
+            # desired state keeps the agent so that the client's retry reaches it again.
             clients = self._clients()
-            for client, (status, data) in zip(
-                clients, await _each(clients, "DELETE", f"/agents/{name}", None), strict=True
-            ):
-                if status not in (200, 404):
-                    log.error(
-                        "DELETE /agents/%s on %s: HTTP %s: %s", name, client.path, status, data
-                    )
+            answers = await _each(clients, "DELETE", f"/agents/{name}", None)
+            failed = [
+                (c, a) for c, a in zip(clients, answers, strict=True) if a[0] not in (200, 404)
+            ]
+            if failed:
+                client, (status, data) = failed[0]
+                raise WorkerFailedError(
+                    f"DELETE /agents/{name} failed on {client.path}: HTTP {status}: "
+                    f"{_error(data)}; retry to revoke it there too"
+                )
+            del self.desired[name]
             return True
 
     async def sync(self, client: ControlClient, cluster: dict[str, Any] | None) -> None:
