@@ -97,7 +97,7 @@ class RelayMain:
             tls_check_interval=tls_check_interval,
             instance=instance,
             reuse_port=worker is not None,
-            listen_after_sync=worker is not None,
+            listen_after_sync=None if worker is None else True,
         )
         self.registry = self.relay.registry  # what the control socket reads and changes
         self.control: ControlServer | None = None  # once the control socket listens

@@ -40,11 +40,15 @@ async def control_relay(pki: Pki, tmp_path: Path) -> AsyncIterator[tuple[RelayMa
     async with anyio.create_task_group() as tg:
         await tg.start(relay.serve)
         assert isinstance(relay.control, ControlServer)
-        # Ready only once a control client says its state is all there (PUT /cluster, last).
-        assert relay.readiness() == (False, "waiting for its control state")
+        # A lone relay says ready while it starts, but takes agents only once a control client
+        # says its state is all there (PUT /cluster, last): until then its agent port refuses.
+        assert relay.readiness() == (True, "waiting for its control state before it takes agents")
+        agent_port = relay.settings.listen.port
+        assert not port_is_open(agent_port)
         client = ControlClient(path)
         status, cluster = await client.call("PUT", "/cluster", {"replicas": 1})
         assert status == 200 and cluster["synced"] is True and cluster["size"] == 1
+        await wait_until(lambda: port_is_open(agent_port), 10)
         assert relay.readiness() == (True, "listening")
         try:
             yield relay, client
@@ -223,3 +227,19 @@ async def test_a_relay_that_hangs_up_mid_answer_is_a_control_socket_error(
     assert ctl.returncode == 1 and "Traceback" not in stderr, stderr
     (line,) = stderr.strip().splitlines()
     assert line.startswith(f"atlax: error: control socket {path}: {message}"), stderr
+
+
+async def test_one_of_several_relays_is_not_ready_before_its_state(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """With replicas (or workers) the relay is one instance of several: its /readyz stays false
+    until a control client applied its state, so the load balancer sends clients elsewhere."""
+    path = tmp_path / "run" / "control.sock"
+    relay = RelayMain(relay_settings(pki, control_socket=path, replicas=3))
+    async with anyio.create_task_group() as tg:
+        await tg.start(relay.serve)
+        assert relay.readiness() == (False, "waiting for its control state")
+        status, cluster = await ControlClient(path).set_cluster(3)
+        assert status == 200 and cluster["size"] == 3
+        await wait_until(lambda: relay.readiness() == (True, "listening"), 10)
+        tg.cancel_scope.cancel()

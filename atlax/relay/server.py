@@ -55,7 +55,7 @@ class Relay:
         tls_check_interval: float = TLS_CHECK_INTERVAL,
         instance: Instance | None = None,
         reuse_port: bool = False,
-        listen_after_sync: bool = False,
+        listen_after_sync: bool | None = None,
     ) -> None:
         self.settings = settings
         self.observer = observer or RelayObserver()
@@ -68,7 +68,12 @@ class Relay:
             synced=settings.control_socket is None,
         )
         self.reuse_port = reuse_port  # a worker: every port shared with the other workers
-        self.listen_after_sync = listen_after_sync  # a worker: no agents before its state
+        # No agents before the state is there (a worker; a relay with a control socket): one
+        # that reached the relay earlier would be refused as unknown and back off, where a
+        # refused connect is retried within a second.
+        self.listen_after_sync = (
+            settings.control_socket is not None if listen_after_sync is None else listen_after_sync
+        )
         self.clock = IdleClock()  # of the idle orders: advanced every second while serving
         self.ports = PublicPorts(settings, self.observer, self.clock, self.instance)
         self.registry = AgentRegistry(
@@ -147,7 +152,12 @@ class Relay:
         if not self.ready.is_set():
             return False, "starting"
         if not self.instance.synced:
-            return False, "waiting for its control state"
+            # One of several instances is not ready before its state is applied: the others
+            # serve meanwhile. A lone relay has no one to leave the traffic to; it says ready (its
+            # probe does not fail while it starts) and takes agents once its state is there.
+            if self.instance.size > 1:
+                return False, "waiting for its control state"
+            return True, "waiting for its control state before it takes agents"
         return True, "listening"
 
     async def _wait_for_tls_files(self) -> None:

@@ -200,22 +200,25 @@ class Reconciler:
             log.info("relay is up (relay id %s)", health.get("relayId"))
             return
 
-    async def keep_relay_synced(self, interval: float = 1.0) -> None:
+    async def keep_relay_synced(self, interval: float = 1.0, eager: float = 0.2) -> None:
         """Tell the relay when its control state is complete: once every TunnelAgent whose
         ports the relay can open is there (after a relay restart too), `PUT /cluster`. The
-        relay's /readyz stays false until then (docs/high-availability.md)."""
+        relay takes agents only from then on (docs/high-availability.md); while it waits, this
+        looks every `eager` seconds."""
         while True:
+            synced = False
             try:
-                await self._sync_relay()
+                synced = await self._sync_relay()
             except (ControlSocketError, ApiException, OSError) as exc:
                 log.debug("relay sync check: %s", kube.describe(exc))
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval if synced else eager)
 
-    async def _sync_relay(self) -> None:
+    async def _sync_relay(self) -> bool:
+        """Whether the relay is synced (now or already)."""
         client = self.state.client
         status, cluster = await client.call("GET", "/cluster")
         if status != 200 or not isinstance(cluster, dict) or cluster.get("synced"):
-            return  # synced already (or a relay without the cluster API)
+            return True  # synced already (or a relay without the cluster API)
         items = await kube.list_custom(self.config.namespace, GROUP, VERSION, PLURAL)
         wanted = {
             item["metadata"]["name"]: _spec_ports(item.get("spec", {}))
@@ -228,10 +231,11 @@ class Reconciler:
         missing = sorted(n for n, ports in wanted.items() if live.get(n) != ports)
         if missing:
             log.debug("relay not synced yet: waiting for %s", ", ".join(missing))
-            return
+            return False
         status, _ = await client.set_cluster(1)
         if status == 200:
-            log.info("relay has all %d TunnelAgent(s): marked synced (ready)", len(wanted))
+            log.info("relay has all %d TunnelAgent(s): marked synced", len(wanted))
+        return status == 200
 
     async def keep_relay_certificate(self, interval: float = RELAY_CERT_CHECK_INTERVAL) -> None:
         """Re-issue the relay's certificate two thirds into its lifetime (the relay reloads it)."""
