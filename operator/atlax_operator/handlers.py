@@ -221,13 +221,13 @@ class Reconciler:
             return True  # synced already (or a relay without the cluster API)
         items = await kube.list_custom(self.config.namespace, GROUP, VERSION, PLURAL)
         wanted = {
-            item["metadata"]["name"]: _spec_ports(item.get("spec", {}))
+            item["metadata"]["name"]: _ports(item.get("spec", {}).get("services", []))
             for item in items
             if not item["metadata"].get("deletionTimestamp")
             and condition_true(item.get("status", {}).get("conditions", []), "PortsOpen")
         }
         listing = await client.agents()
-        live = {a["name"]: _relay_ports(a) for a in listing.get("agents", [])}
+        live = {a["name"]: _ports(a.get("services", [])) for a in listing.get("agents", [])}
         missing = sorted(n for n, ports in wanted.items() if live.get(n) != ports)
         if missing:
             log.debug("relay not synced yet: waiting for %s", ", ".join(missing))
