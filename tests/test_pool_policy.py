@@ -40,7 +40,7 @@ def test_it_joins_distinct_instances_up_to_the_advertised_count() -> None:
     assert p.target == 3 and 0.1 <= delay(p, 0.0) <= 0.3
     assert p.verdict(A, 3, 0.5) is Verdict.DUPLICATE
     p.duplicate(0.5)
-    assert 0.15 <= delay(p, 0.5) <= 0.45  # one duplicate: the pace slows by 1.5
+    assert 0.125 <= delay(p, 0.5) <= 0.375  # one duplicate: the pace slows by 1.25
     join(p, B, 3, 1.0)
     join(p, C, 3, 1.5)
     assert sorted(p.instances()) == sorted([A, B, C])
@@ -50,18 +50,22 @@ def test_it_joins_distinct_instances_up_to_the_advertised_count() -> None:
     assert 24.0 <= delay(p, 40.0) <= 36.0
 
 
-def test_duplicates_in_a_row_slow_the_pace_up_to_the_probe_interval() -> None:
+def test_duplicates_in_a_row_slow_the_pace_up_to_a_cap_then_to_probing() -> None:
     p = policy()
     join(p, A, 3, 0.0)
     delays = []
-    for i in range(20):
+    for i in range(40):
         assert p.verdict(A, 3, float(i)) is Verdict.DUPLICATE
         p.duplicate(float(i))
         delays.append(delay(p, float(i)))
-    assert all(0.1 * 1.5 ** (k + 1) <= d <= 0.3 * 1.5 ** (k + 1) for k, d in enumerate(delays[:8]))
-    assert max(delays) <= CONFIG.probe_interval and delays[-1] == CONFIG.probe_interval
-    join(p, B, 3, 30.0)  # a new instance resets the pace
-    assert 0.1 <= delay(p, 30.0) <= 0.3
+    c = CONFIG
+    for k, d in enumerate(delays[:10]):
+        assert c.fill[0] * c.fill_growth ** (k + 1) <= d <= c.fill[1] * c.fill_growth ** (k + 1)
+    patience = c.fill_patience * 3  # duplicates in a row, for a target of 3
+    assert all(d <= c.fill_cap for d in delays[: patience - 1])
+    assert all(24.0 <= d <= 36.0 for d in delays[patience:])  # a stale target: probing pace
+    join(p, B, 3, 100.0)  # a new instance resets the pace
+    assert 0.1 <= delay(p, 100.0) <= 0.3
 
 
 def test_a_relay_without_instances_is_a_cluster_of_one_and_never_probed() -> None:
@@ -223,3 +227,18 @@ def test_the_fast_pace_stays_within_a_smaller_backoff_cap() -> None:
     for i in range(10):
         p.dial_failed(Failure.NETWORK, 100.0 + i)
         assert delay(p, 100.0 + i) <= 0.3
+
+
+def test_an_instance_lost_while_others_serve_is_sought_fast_however_short_its_tunnel() -> None:
+    """A worker killed a moment after the agent joined it: the others still serve, so the
+    relay address works and the successor is sought at the fast pace, not the backoff."""
+    p = policy()
+    for instance in (A, B, C):
+        join(p, instance, 3, 0.0)
+    p.lost(C, up_for=0.01, now=1.0)
+    now = p.next_dial_at()
+    for _ in range(20):
+        assert p.verdict(A, 3, now) is Verdict.DUPLICATE
+        p.duplicate(now)
+        assert 0.2 <= delay(p, now) <= RESTART_BACKOFF_CAP
+        now = p.next_dial_at()

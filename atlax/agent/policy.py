@@ -10,7 +10,8 @@ policy below is tested without sockets or sleeping (tests/test_pool_policy.py).
   the held one is retiring (certificate renewal: the new one replaces it, make before break). A new
   instance is joined while fewer than the target are held.
 - Dial pace: while below the target, a short jittered delay that grows with each duplicate in a row
-  (they are not failures) up to `probe_interval`; at the target, one probe every `probe_interval`.
+  (they are not failures), up to 5 s, and after many in a row (the target is probably stale) one
+  probe every `probe_interval`, as at the target.
   Within `fast_retry_window` of losing a healthy tunnel the pace stays short instead (its instance,
   or the one replacing it, must be found before public connections to it give up waiting).
 - Failures: exponential backoff with full jitter, except that right after losing a tunnel that had
@@ -61,7 +62,10 @@ class PoolConfig:
     fast_retry: tuple[float, float] = (0.2, RESTART_BACKOFF_CAP)  # between fast retries
     first_retry: float = 0.5  # the first dial after a loss: uniform 0 .. this
     fill: tuple[float, float] = (0.1, 0.3)  # below the target: the first delay (uniform) ...
-    fill_growth: float = 1.5  # ... times this for each duplicate in a row, up to probe_interval
+    fill_growth: float = 1.25  # ... times this for each duplicate in a row ...
+    fill_cap: float = 5.0  # ... up to this ...
+    fill_patience: int = 8  # ... for this many duplicates in a row per instance of the target;
+    # beyond, the target is probably stale (a count nobody updated): one probe per probe_interval
     max_tunnels: int = 16
     stale_grace: float = 10.0
     healthy_after: float = 10.0  # a tunnel up this long counts as healthy when it ends
@@ -171,7 +175,10 @@ class TunnelPoolPolicy:
             return
         if refused:
             self.dial_failed(Failure.REFUSED, now)
-        elif going_away or up_for >= self.config.healthy_after:
+        elif going_away or up_for >= self.config.healthy_after or self._held:
+            # Healthy a moment ago: it was up a while, or said it is going away, or the others
+            # still are (one instance died; its successor is to be found before its clients
+            # give up waiting). A lone tunnel that fell over at once is a failure instead.
             self._lost_at = now
             self._failures = 0
             soon = now + self.rng.uniform(0, self.config.first_retry)
@@ -233,8 +240,12 @@ class TunnelPoolPolicy:
             if self._fast(now):  # an instance was lost a moment ago: find its successor soon
                 self._next_dial = now + self._fast_delay()
                 return
+            if self._duplicates >= c.fill_patience * self._target:
+                self._next_dial = now + self._probe_delay()
+                return
             first = self.rng.uniform(*c.fill)
-            self._next_dial = now + min(c.probe_interval, first * c.fill_growth**self._duplicates)
+            grown = first * c.fill_growth**self._duplicates
+            self._next_dial = now + min(c.fill_cap, c.probe_interval, grown)
         elif None in self._held:
             self._next_dial = math.inf  # a relay without instances: nothing to probe for
         else:
