@@ -129,7 +129,7 @@ async def test_a_pool_tunnel_serves_only_once_joined_and_a_duplicate_never(pki: 
             assert relay.registry.agent("home-nas")["connected"] is False  # type: ignore[index]
             async with await anyio.connect_tcp("127.0.0.1", port) as client:
                 await client.send(b"held until JOIN")
-                first.join()
+                first.join_cluster()
                 with anyio.fail_after(20):
                     assert await client.receive() == b"held until JOIN"
             async with raw_tunnel(pki, relay, echo) as duplicate:

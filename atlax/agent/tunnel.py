@@ -155,7 +155,7 @@ class Tunnel:
     def join(self) -> None:
         """Keep it: JOIN (a relay without instances needs none: its SETTINGS were enough)."""
         if self.session.conn.cluster_extension:
-            self.session.join()
+            self.session.join_cluster()
 
     async def close_duplicate(self) -> None:
         """Close a tunnel that reached an instance already held; it never carried a stream."""
