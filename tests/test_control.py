@@ -40,15 +40,14 @@ async def control_relay(pki: Pki, tmp_path: Path) -> AsyncIterator[tuple[RelayMa
     async with anyio.create_task_group() as tg:
         await tg.start(relay.serve)
         assert isinstance(relay.control, ControlServer)
-        # A lone relay says ready while it starts, but takes agents only once a control client
-        # says its state is all there (PUT /cluster, last): until then its agent port refuses.
-        assert relay.readiness() == (True, "waiting for its control state before it takes agents")
-        agent_port = relay.settings.listen.port
-        assert not port_is_open(agent_port)
+        # A lone relay takes agents at once, as it always did (whoever drives its control
+        # socket need not know PUT /cluster); a control client's PUT /cluster marks it synced.
+        assert relay.readiness() == (True, "listening")
+        assert port_is_open(relay.settings.listen.port)
         client = ControlClient(path)
+        assert (await client.cluster())["synced"] is False
         status, cluster = await client.call("PUT", "/cluster", {"replicas": 1})
         assert status == 200 and cluster["synced"] is True and cluster["size"] == 1
-        await wait_until(lambda: port_is_open(agent_port), 10)
         assert relay.readiness() == (True, "listening")
         try:
             yield relay, client
@@ -233,13 +232,18 @@ async def test_one_of_several_relays_is_not_ready_before_its_state(
     pki: Pki, tmp_path: Path
 ) -> None:
     """With replicas (or workers) the relay is one instance of several: its /readyz stays false
-    until a control client applied its state, so the load balancer sends clients elsewhere."""
+    and its agent port closed until a control client applied its state (PUT /cluster, last), so
+    the load balancer sends clients and agents elsewhere: an agent refused as unknown would back
+    off, where a refused connect is retried within a second."""
     path = tmp_path / "run" / "control.sock"
     relay = RelayMain(relay_settings(pki, control_socket=path, replicas=3))
     async with anyio.create_task_group() as tg:
         await tg.start(relay.serve)
         assert relay.readiness() == (False, "waiting for its control state")
+        agent_port = relay.settings.listen.port
+        assert not port_is_open(agent_port)
         status, cluster = await ControlClient(path).set_cluster(3)
         assert status == 200 and cluster["size"] == 3
         await wait_until(lambda: relay.readiness() == (True, "listening"), 10)
+        await wait_until(lambda: port_is_open(agent_port), 10)
         tg.cancel_scope.cancel()

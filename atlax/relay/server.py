@@ -68,12 +68,14 @@ class Relay:
             synced=settings.control_socket is None,
         )
         self.reuse_port = reuse_port  # a worker: every port shared with the other workers
-        # No agents before the state is there (a worker; a relay with a control socket): one
-        # that reached the relay earlier would be refused as unknown and back off, where a
-        # refused connect is retried within a second.
-        self.listen_after_sync = (
-            settings.control_socket is not None if listen_after_sync is None else listen_after_sync
-        )
+        # No agents before the state is there (a worker; a relay with a control socket that is
+        # one of several): one that reached the instance earlier would be refused as unknown and
+        # back off, where a refused connect is retried within a second. A lone relay takes agents
+        # at once, as it always did: whoever drives its control socket (curl, relayctl) need not
+        # know about PUT /cluster, and there is no other instance to serve meanwhile.
+        if listen_after_sync is None:
+            listen_after_sync = settings.control_socket is not None and self.instance.size > 1
+        self.listen_after_sync = listen_after_sync
         self.clock = IdleClock()  # of the idle orders: advanced every second while serving
         self.ports = PublicPorts(settings, self.observer, self.clock, self.instance)
         self.registry = AgentRegistry(
@@ -154,10 +156,11 @@ class Relay:
         if not self.instance.synced:
             # One of several instances is not ready before its state is applied: the others
             # serve meanwhile. A lone relay has no one to leave the traffic to; it says ready (its
-            # probe does not fail while it starts) and takes agents once its state is there.
+            # probe does not fail while it starts).
             if self.instance.size > 1:
                 return False, "waiting for its control state"
-            return True, "waiting for its control state before it takes agents"
+            if self.listen_after_sync:
+                return True, "waiting for its control state before it takes agents"
         return True, "listening"
 
     async def _wait_for_tls_files(self) -> None:

@@ -232,7 +232,8 @@ class Reconciler:
         if missing:
             log.debug("relay not synced yet: waiting for %s", ", ".join(missing))
             return False
-        status, _ = await client.set_cluster(1)
+        replicas = cluster.get("replicas")  # the relay's own (its config file's): kept
+        status, _ = await client.set_cluster(replicas if isinstance(replicas, int) else 1)
         if status == 200:
             log.info("relay has all %d TunnelAgent(s): marked synced", len(wanted))
         return status == 200
