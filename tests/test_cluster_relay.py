@@ -32,7 +32,7 @@ from atlax.agent import TUNNEL_SETTINGS, Agent
 from atlax.agent.services import Services
 from atlax.config import HostPort
 from atlax.metrics import RelayMetrics
-from atlax.mux import MuxSession
+from atlax.mux import MuxSession, TunnelClosedError
 from atlax.protocol import ErrorCode, Role, Settings
 from atlax.relay import Relay
 from atlax.relay import ports as relay_ports
@@ -144,6 +144,40 @@ async def test_a_pool_tunnel_serves_only_once_joined_and_a_duplicate_never(pki: 
             assert await exchange(port, b"the first tunnel still serves") == (
                 b"the first tunnel still serves"
             )
+
+
+@pytest.mark.parametrize("refusal", ["unknown identity", "key not pinned"])
+async def test_a_refused_agent_never_sees_its_tunnel_up(pki: Pki, refusal: str) -> None:
+    """The relay sends its SETTINGS (which tell an agent its tunnel is up, with the instance to
+    JOIN) only once admission accepted the certificate: a refused agent reads SETTINGS and GOAWAY
+    together, so neither a hand-made tunnel nor the agent's pool ever counts the tunnel up, and
+    the pool backs off as from any refusal."""
+    port = free_port()
+    agents = [spec("someone-else", web=port)]
+    if refusal == "key not pinned":
+        agents = [spec("home-nas", web=port).model_copy(update={"pins": ("sha256:" + "0" * 64,)})]
+    relay = Relay(relay_settings(pki), agents)
+    async with tcp_service(echo_handler) as echo, running_relay(relay):
+        crt, key = pki.agent("home-nas")
+        for _ in range(3):
+            session = MuxSession(Role.CLIENT, settings=TUNNEL_SETTINGS)
+            await asyncio.get_running_loop().create_connection(
+                lambda session=session: session,
+                "127.0.0.1",
+                relay.settings.listen.port,
+                ssl=agent_context(pki.ca, crt, key),
+                server_hostname="localhost",
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(session.run)
+                with pytest.raises(TunnelClosedError, match="UNAUTHORIZED"):
+                    await session.wait_ready()
+            assert session.peer_settings is not None  # they came, with the GOAWAY
+        agent = Agent(agent_settings(pki, relay.settings), {"web": echo})
+        async with running_agent(agent, wait=False):
+            await wait_until(lambda: "UNAUTHORIZED" in (agent.last_error or ""), 20)
+            await anyio.sleep(1.5)  # a few more dials (backoff_cap 0.5 s)
+            assert agent.connects == 0 and not agent.tunnels and not agent.connected.is_set()
 
 
 async def test_an_old_agent_is_served_from_its_settings_on(pki: Pki) -> None:
