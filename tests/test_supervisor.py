@@ -170,6 +170,8 @@ def test_views_merge_into_one_agent() -> None:
     assert abs(merged["rttSeconds"] - 0.003) < 1e-12
     assert [i["instance"] for i in merged["instances"]] == ["2a5f01c3", "11111111"]
     assert merge_agent([view(), view()])["connected"] is False
+    pin = "sha256:" + "ab" * 32  # the key of a live tunnel, though the first worker has none
+    assert merge_agent([view(pin=None), view(connected=True, pin=pin)])["pin"] == pin
 
 
 def test_agents_merge_by_name() -> None:

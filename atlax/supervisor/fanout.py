@@ -45,6 +45,8 @@ def merge_agent(views: Sequence[dict[str, Any]]) -> dict[str, Any]:
     merged["lastHeartbeat"] = max(beats) if beats else None
     peers = [v["peer"] for v in views if v.get("peer")]
     merged["peer"] = peers[0] if peers else None
+    pins = [v["pin"] for v in views if v.get("pin")]
+    merged["pin"] = pins[0] if pins else None  # the key of a live tunnel (any worker's)
     rtts = [float(v["rttSeconds"]) for v in views if v.get("rttSeconds") is not None]
     merged["rttSeconds"] = sum(rtts) / len(rtts) if rtts else None
     merged["instances"] = [i for v in views for i in v.get("instances", [])]
