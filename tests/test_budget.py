@@ -114,8 +114,11 @@ async def test_a_reader_that_keeps_up_grows_its_window_and_a_stalled_one_does_no
         running_agent(Agent(agent_settings(pki, settings), {"dl": src})),
     ):
         state = relay.registry.get("home-nas")
-        assert state is not None and state.session is not None
+        assert state is not None
+        # The agent is up once it sent JOIN; the relay's side, once it has read it.
+        await wait_until(lambda: state.session is not None, 10)
         session = state.session
+        assert session is not None
 
         def windows() -> list[int]:
             return [session.conn.receive_window(s.stream_id) for s in session.streams]

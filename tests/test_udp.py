@@ -24,8 +24,8 @@ from conftest import (
     wait_until,
 )
 
-from atlax import agent as agent_module
 from atlax.agent import Agent
+from atlax.agent import tunnel as agent_tunnel
 from atlax.config import AgentSpec, ServiceSpec, ServiceTarget
 from atlax.protocol import Settings
 from atlax.relay_main import RelayMain
@@ -300,7 +300,7 @@ async def test_an_agent_from_before_udp_gets_no_flows(
     """An agent whose SETTINGS do not say DATAGRAMS (every agent before UDP) is never sent a
     datagram stream: the relay refuses the flow, and says why."""
     old = Settings(initial_window=1 << 20, max_frame_size=256 * 1024, max_streams=16384)
-    monkeypatch.setattr(agent_module, "TUNNEL_SETTINGS", old)
+    monkeypatch.setattr(agent_tunnel, "TUNNEL_SETTINGS", old)  # where the agent dials
     async with udp_tunnel(pki, ServiceTarget("127.0.0.1", 9, "udp")) as (relay, _, port):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
             client.sendto(b"hello?", ("127.0.0.1", port))
