@@ -2,21 +2,29 @@
 
 Least privilege: Secrets in the operator's namespace (its CA, the relay's certificate, one per
 agent), and get/update of one Service (the relay's), whose ports it shares with other owners
-through the `atlax.dev/ports` and `atlax.dev/hostnames` annotations (claims.py).
+through the `atlax.dev/ports` and `atlax.dev/hostnames` annotations (claims.py). The
+controller's Lease and the relays' report Leases (coordination.k8s.io), the relays'
+EndpointSlices (read only).
+
+Calls made by a controller while it leads are fenced (`fence`): once its Lease is no longer
+certainly its own, no further call starts.
 """
 
 from __future__ import annotations
 
 import base64
+import contextvars
 import json
+import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio.to_thread
 import kopf
 import urllib3
-from kubernetes import client, config
+from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from atlax import logs
@@ -24,6 +32,14 @@ from atlax import logs
 from .claims import Claims, Holdings
 
 T = TypeVar("T")
+log = logging.getLogger("atlax.operator")
+
+# Set by the leader election for the tasks that act as leader (kopf and everything it starts):
+# raises when this process no longer certainly holds the Lease. Context-local, so the election's
+# own Lease calls are never fenced.
+fence: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "atlax_fence", default=None
+)
 
 
 class KubernetesAccessError(Exception):
@@ -108,7 +124,16 @@ async def list_custom(namespace: str, group: str, version: str, plural: str) -> 
 
 
 async def call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    return await anyio.to_thread.run_sync(lambda: func(*args, **kwargs))
+    check = fence.get()
+    if check is not None:
+        check()
+    return await call_unfenced(func, *args, **kwargs)
+
+
+async def call_unfenced(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    # Abandoned when cancelled: the request may still finish in its thread, but nothing waits
+    # for it (a leader that steps down does not sit out a call stuck in a partition).
+    return await anyio.to_thread.run_sync(lambda: func(*args, **kwargs), abandon_on_cancel=True)
 
 
 def core() -> client.CoreV1Api:
@@ -308,3 +333,139 @@ async def _write(namespace: str, service: str, svc: Any, before: Holdings, after
             return True
         raise
     return False
+
+
+# -- TunnelAgents, EndpointSlices -----------------------------------------------------------------
+
+
+async def list_tunnel_agents(
+    namespace: str, group: str, version: str, plural: str
+) -> list[dict[str, Any]]:
+    api = client.CustomObjectsApi()
+    listing: Any = await call(
+        api.list_namespaced_custom_object, group, version, namespace, plural, _request_timeout=30
+    )
+    items: list[dict[str, Any]] = listing.get("items", [])
+    return items
+
+
+async def ready_endpoints(namespace: str, service: str) -> set[str]:
+    """The ready endpoints (pod names, else addresses) of `service`, from its EndpointSlices."""
+    api = client.DiscoveryV1Api()
+    slices: Any = await call(
+        api.list_namespaced_endpoint_slice,
+        namespace,
+        label_selector=f"kubernetes.io/service-name={service}",
+        _request_timeout=30,
+    )
+    ready: set[str] = set()
+    for item in slices.items or []:
+        for endpoint in item.endpoints or []:
+            conditions = endpoint.conditions
+            if conditions is not None and conditions.ready is False:
+                continue  # ready unset means ready (discovery.k8s.io/v1)
+            ref = endpoint.target_ref
+            ready.add(ref.name if ref is not None and ref.name else ",".join(endpoint.addresses))
+    return ready
+
+
+# -- Leases ------------------------------------------------------------------------------------
+
+
+def coordination(*, retries: bool = True) -> client.CoordinationV1Api:
+    """The Lease API; `retries=False`: one attempt per call (urllib3 retries a timed-out request
+    three times by default, which would hide a partition from the election for four timeouts)."""
+    if retries:
+        return client.CoordinationV1Api()
+    configuration = client.Configuration.get_default_copy()
+    configuration.retries = 0
+    return client.CoordinationV1Api(client.ApiClient(configuration))
+
+
+async def read_lease(
+    namespace: str,
+    name: str,
+    request_timeout: float = 10.0,
+    api: client.CoordinationV1Api | None = None,
+) -> Any | None:
+    """The Lease, or None if it does not exist. Never fenced (the election reads it)."""
+    api = api or coordination()
+    try:
+        return await call_unfenced(
+            api.read_namespaced_lease, name, namespace, _request_timeout=request_timeout
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+async def write_lease(
+    namespace: str,
+    body: dict[str, Any],
+    *,
+    create: bool,
+    request_timeout: float = 10.0,
+    api: client.CoordinationV1Api | None = None,
+) -> Any | None:
+    """Create or replace (with the body's resourceVersion); None if someone else wrote first."""
+    api = api or coordination()
+    try:
+        if create:
+            return await call_unfenced(
+                api.create_namespaced_lease, namespace, body, _request_timeout=request_timeout
+            )
+        name = body["metadata"]["name"]
+        return await call_unfenced(
+            api.replace_namespaced_lease, name, namespace, body, _request_timeout=request_timeout
+        )
+    except ApiException as exc:
+        if exc.status in (404, 409):  # gone meanwhile, or a stale resourceVersion
+            return None
+        raise
+
+
+async def list_leases(namespace: str, selector: str) -> list[Any]:
+    leases: Any = await call(
+        coordination().list_namespaced_lease,
+        namespace,
+        label_selector=selector,
+        _request_timeout=30,
+    )
+    return list(leases.items or [])
+
+
+# -- watching ----------------------------------------------------------------------------------
+
+
+def watch_in_background(
+    what: str, wake: Callable[[], None], func: Callable[..., Any], *args: Any, **kwargs: Any
+) -> threading.Event:
+    """Call `wake` on every event of a watch of `func(*args, **kwargs)`, in a daemon thread, until
+    the returned Event is set. The caller lists what it needs itself: a watch only says when.
+
+    A daemon thread rather than the event loop's executor: a watch blocks for minutes, and the
+    executor's threads are waited for at exit."""
+    stop = threading.Event()
+
+    def run() -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                events = watch.Watch().stream  # type: ignore[no-untyped-call]
+                stream = events(func, *args, timeout_seconds=240, **kwargs)  # type: ignore[no-untyped-call]
+                for _ in stream:
+                    failures = 0
+                    if stop.is_set():
+                        return
+                    wake()
+            except Exception as exc:  # logged; the watch is opened again
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.warning("watch of %s failed (%s); retrying", what, describe(exc))
+                stop.wait(min(30.0, 0.5 * failures))
+            else:
+                wake()  # a watch that ends may have missed events: look once more
+
+    threading.Thread(target=run, name=f"watch {what}", daemon=True).start()
+    return stop
