@@ -271,7 +271,7 @@ def test_tunnel_agent_end_to_end(stack: Stack) -> None:
                     "PORTS",
                     "AGE",
                 ]
-                assert table.splitlines()[1].split()[:3] == ["home-nas", "True", "true"]
+                assert table.splitlines()[1].split()[:3] == ["home-nas", "True", "1/1"]
                 await anyio.to_thread.run_sync(
                     lambda: cp.kubectl(
                         "delete", "tunnelagent", "home-nas", "-n", NS, "--timeout=50s"

@@ -1,7 +1,9 @@
-"""The operator's handlers called directly, to drive the interleavings kopf only allows by chance.
+"""The controller's handlers and the relay's sync called directly, to drive the interleavings
+kopf and the sync's loop only allow by chance.
 
 Real kube-apiserver + etcd, a real `atlax relay` process with its control socket; the handlers run
-in this process as kopf would call them (a kopf.Body read from the API server, a kopf.Patch).
+in this process as kopf would call them (a kopf.Body read from the API server, a kopf.Patch), the
+sync one pass at a time (`RelaySync.step`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import anyio.abc
 import kopf
 import pytest
 from atlax_operator import kube
-from atlax_operator.handlers import OperatorConfig, OperatorState, Reconciler
+from atlax_operator.handlers import ControllerConfig, ControllerState, Reconciler
 from atlax_operator.locks import AgentLocks
+from atlax_operator.reports import MemoryReports, ReportCache
+from atlax_operator.sync import RelaySync, SyncConfig
 from conftest import ROOT, free_port, pod_relay, start_relay_process, wait_until
 from controlplane import ControlPlane
 from cryptography import x509
@@ -40,21 +44,30 @@ class Env:
     dir: Path
     control_socket: Path
 
-    def config(self, control_socket: Path | None = None) -> OperatorConfig:
-        return OperatorConfig(
+    def config(self) -> ControllerConfig:
+        return ControllerConfig(
             namespace=self.namespace,
-            control_socket=control_socket or self.control_socket,
             service_name="atlax-relay",
             relay_address="127.0.0.1:7443",
             relay_sans=("localhost", "127.0.0.1"),
             relay_tls_dir=self.dir / "tls",
         )
 
+    def sync(self, reports: MemoryReports, control_socket: Path | None = None) -> RelaySync:
+        config = SyncConfig(
+            namespace=self.namespace,
+            control_socket=control_socket or self.control_socket,
+            service_name="atlax-relay",
+            pod="relay-0",
+            count_replicas=False,
+        )
+        return RelaySync(config, reports, ControlClient(config.control_socket, timeout=5))
+
     def get(self, *args: str) -> Any:
         result = self.cp.kubectl("get", *args, "-n", self.namespace, "-o", "json", check=False)
         return json.loads(result.stdout) if result.returncode == 0 else None
 
-    def apply_agent(self, name: str, port: int, finalizer: bool = False) -> kopf.Body:
+    def apply_agent(self, name: str, *ports: int, finalizer: bool = False) -> kopf.Body:
         metadata: dict[str, Any] = {"name": name, "namespace": self.namespace}
         if finalizer:  # as kopf adds it: deletion then only marks the object
             metadata["finalizers"] = ["atlax.dev/cleanup"]
@@ -62,7 +75,7 @@ class Env:
             "apiVersion": "atlax.dev/v1alpha1",
             "kind": "TunnelAgent",
             "metadata": metadata,
-            "spec": {"services": [{"name": "web", "port": port}]},
+            "spec": {"services": [{"name": f"s{port}", "port": port} for port in ports]},
         }
         self.cp.kubectl("apply", "-f", "-", input=json.dumps(obj))
         return self.body(name)
@@ -125,10 +138,13 @@ def kopf_posting() -> Iterator[asyncio.Queue[Any]]:
 
 
 @asynccontextmanager
-async def started_reconciler(config: OperatorConfig) -> AsyncIterator[Reconciler]:
+async def started_reconciler(
+    config: ControllerConfig, reports: MemoryReports | None = None
+) -> AsyncIterator[Reconciler]:
     """A Reconciler after its start-up (CA, relay certificate: the relay process starts on it)."""
     with kopf_posting():
-        reconciler = Reconciler(OperatorState(config))
+        cache = ReportCache(reports or MemoryReports(), max_age=0)
+        reconciler = Reconciler(ControllerState(config, cache))
         await reconciler.startup()
         yield reconciler
 
@@ -187,65 +203,76 @@ def condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any]:
 
 
 @pytest.mark.k8s
-def test_timer_survives_the_relay_going_away_after_a_reconcile(env: Env) -> None:
-    """The timer re-pushes an agent, the relay accepts the PUT and is gone before the timer reads
-    the result back: status says the relay is unreachable instead of the timer failing with a
-    traceback (the second read of the relay's agents was not guarded)."""
+def test_the_sync_survives_the_relay_going_away_after_a_push(env: Env) -> None:
+    """The sync pushes an agent, the relay accepts the PUT and is gone before the sync reads the
+    result back: its report says the relay is not reachable, and the pass ends normally (the
+    second read of the relay's agents was not guarded when the operator pushed itself)."""
     port = free_port()
-    body = env.apply_agent("timer", port)
+    body = env.apply_agent("gone-after-put", port)
 
     async def run() -> None:
-        async with started_reconciler(env.config()):  # the relay starts on the files it writes
+        reports = MemoryReports()
+        async with started_reconciler(env.config(), reports) as reconciler:
             await wait_for_relay(env)
-        proxy = env.dir / "proxy.sock"
-        async with (
-            control_socket_gone_after_a_put(env.control_socket, proxy),
-            started_reconciler(env.config(proxy)) as reconciler,
-        ):
+            await reconciler.reconcile(body, kopf.Patch())  # grants the port on the Service
+            proxy = env.dir / "proxy.sock"
+            async with control_socket_gone_after_a_put(env.control_socket, proxy):
+                report = await env.sync(reports, proxy).step()
+            assert not report.ready
+            assert report.error is not None
+            assert report.error.startswith("cannot reach control socket")
             patch = kopf.Patch()
-            await reconciler.observe(body, patch)
-        conditions = patch.status["conditions"]
-        assert condition(conditions, "PortsOpen")["status"] == "True"
-        connected = condition(conditions, "Connected")
-        assert connected["status"] == "False"
-        assert connected["message"].startswith("relay not reachable: cannot reach control socket")
-        assert condition(conditions, "Ready")["status"] == "False"
-        assert patch.status["connected"] is False
-        live = await relay_agent(env, "timer")  # the PUT did reach the relay
+            await reconciler.observe(env.body("gone-after-put"), patch)
+            conditions = patch.status["conditions"]
+            assert condition(conditions, "PortsOpen")["reason"] == "RelayUnavailable"
+            connected = condition(conditions, "Connected")
+            assert connected["status"] == "False"
+            assert connected["message"].startswith("relay not reachable: cannot reach control")
+            assert patch.status["connected"] is False and patch.status["tunnels"] == "0/0"
+        live = await relay_agent(env, "gone-after-put")  # the PUT did reach the relay
         assert live is not None and [s["port"] for s in live["services"]] == [port]
 
     anyio.run(run)
 
 
 @pytest.mark.k8s
-def test_a_relay_that_hangs_up_while_answering_is_unreachable_in_status(env: Env) -> None:
-    """The relay dies (kill -9, OOM) while it answers the tick's request: the tick ends normally
-    and status says why. The client raised h11's RemoteProtocolError there, which kopf answered
-    with its 60 s back-off: no tick, so no repair, for a minute after the relay came back."""
-    body = env.apply_agent("hangup", free_port())
-    hangup = env.dir / "hangup.sock"
+def test_the_sync_gives_the_relay_exactly_what_is_granted(env: Env) -> None:
+    """Level-triggered, one pass at a time: an agent is pushed once the controller granted its
+    ports on the Service; a spec change keeps the old ports until the new ones are granted; an
+    agent at the relay that nothing grants is revoked; a restarted relay gets everything again."""
+    old, new = free_port(), free_port()
 
     async def run() -> None:
-        listener = await anyio.create_unix_listener(hangup)
+        reports = MemoryReports()
+        async with started_reconciler(env.config(), reports) as reconciler:
+            await wait_for_relay(env)
+            sync = env.sync(reports)
+            body = env.apply_agent("mover", old)
+            report = await sync.step()
+            assert report.ready and "mover" not in report.agents  # not granted yet
+            await reconciler.reconcile(body, kopf.Patch())
+            report = await sync.step()
+            assert report.agents["mover"].ports == ((f"s{old}", old),)
 
-        async def read_then_close(stream: anyio.abc.SocketStream) -> None:
-            async with stream:
-                await stream.receive()
+            env.apply_agent("mover", new)  # the controller has not granted `new` yet
+            report = await sync.step()
+            assert report.agents["mover"].ports == ((f"s{old}", old),)
+            await reconciler.reconcile(env.body("mover"), kopf.Patch())
+            report = await sync.step()
+            assert report.agents["mover"].ports == ((f"s{new}", new),)
 
-        async with (
-            anyio.create_task_group() as tg,
-            started_reconciler(env.config(hangup)) as reconciler,
-        ):
-            tg.start_soon(listener.serve, read_then_close)
+            # Someone put an agent on the relay that no TunnelAgent describes: revoked.
+            client = ControlClient(env.control_socket)
+            status, _ = await client.put_agent("stray", [{"name": "web", "port": free_port()}])
+            assert status == 200
+            report = await sync.step(read_api=False)
+            assert set(report.agents) == {"mover"}
+            assert await relay_agent(env, "stray") is None
+
             patch = kopf.Patch()
-            await reconciler.observe(body, patch)
-            tg.cancel_scope.cancel()
-        connected = condition(patch.status["conditions"], "Connected")
-        assert connected["status"] == "False"
-        assert connected["message"] == (
-            f"relay not reachable: control socket {hangup}: "
-            "the connection was closed before the response was complete"
-        )
+            await reconciler.observe(env.body("mover"), patch)
+            assert condition(patch.status["conditions"], "PortsOpen")["reason"] == "Open"
+            assert patch.status["tunnels"] == "0/1"
 
     anyio.run(run)
 
@@ -253,18 +280,26 @@ def test_a_relay_that_hangs_up_while_answering_is_unreachable_in_status(env: Env
 @pytest.mark.k8s
 def test_a_timer_tick_waiting_for_a_delete_does_not_bring_the_agent_back(env: Env) -> None:
     """The TunnelAgent is deleted while its timer tick waits for the agent's lock: once `delete`
-    has revoked the agent, the tick must not push it again (it did: the relay opened the port of
-    a deleted TunnelAgent, and its Secret came back). The lock is dropped once nobody uses it."""
+    has taken its ports back and deleted its Secret, the tick must not grant or mint them again
+    (it did: the relay opened the port of a deleted TunnelAgent, and its Secret came back). The
+    lock is dropped once nobody uses it. The delete waits until no ready relay holds the agent."""
     port = free_port()
     env.apply_agent("gone", port, finalizer=True)
 
     async def run() -> None:
-        async with started_reconciler(env.config()) as reconciler:
+        reports = MemoryReports()
+        async with started_reconciler(env.config(), reports) as reconciler:
             await wait_for_relay(env)
+            sync = env.sync(reports)
             patch = kopf.Patch()
             await reconciler.reconcile(env.body("gone"), patch)
-            assert condition(patch.status["conditions"], "PortsOpen")["status"] == "True"
-            assert await relay_agent(env, "gone") is not None and port in env.service_ports()
+            ports = condition(patch.status["conditions"], "PortsOpen")
+            assert (ports["reason"], ports["message"]) == (
+                "RelayUnavailable",
+                "no relay is ready yet",
+            )
+            report = await sync.step()
+            assert "gone" in report.agents and port in env.service_ports()
             secret = env.get("secret", "atlax-agent-gone")
             owner = secret["metadata"]["ownerReferences"]
             body = env.body("gone")
@@ -285,13 +320,21 @@ def test_a_timer_tick_waiting_for_a_delete_does_not_bring_the_agent_back(env: En
             env.cp.kubectl("delete", "tunnelagent", "gone", "-n", env.namespace, "--wait=false")
             marked = env.body("gone")  # what kopf's live body shows by now
             assert marked["metadata"].get("deletionTimestamp")
-            async with anyio.create_task_group() as tg, reconciler.locks.hold("gone"):
-                # Both queue behind the test's hold, delete first (the lock is first come, first
-                # served): a delete that is quicker than a poll no longer escapes the check.
-                tg.start_soon(reconciler.delete, marked, 0)
-                await wait_until(lambda: reconciler.locks.users("gone") == 2, 10)
+            done = anyio.Event()
+
+            async def delete() -> None:
+                await reconciler.delete(marked)  # takes the lock at once
+                done.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(delete)
                 tg.start_soon(reconciler.observe, marked, kopf.Patch())
-                await wait_until(lambda: reconciler.locks.users("gone") == 3, 10)
+                await wait_until(lambda: reconciler.locks.users("gone") == 2, 10)
+                # The relay still holds it: the delete waits for the sync to revoke it.
+                await anyio.sleep(1.5)
+                assert not done.is_set()
+                report = await sync.step()
+                assert "gone" not in report.agents
             assert reconciler.locks.users("gone") == 0
 
         assert await relay_agent(env, "gone") is None

@@ -1,24 +1,28 @@
-"""kopf handlers: one per concern, idempotent, state in the TunnelAgent's status.
+"""The controller's kopf handlers: one per concern, idempotent, state in the TunnelAgent's status.
 
-- create/resume/update: certificate Secret, desired state at the relay, ports on the Service.
-- timer: live state from the relay into status; re-push after a relay restart or drift; retry
-  conflicts; renew certificates two thirds into their lifetime (the time is kept in status, so
-  a tick reads no Secret).
-- delete: revoke at the relay, remove the ports, delete the Secret.
+- create/resume/update: the certificate Secret, the agent's ports granted on the relay Service.
+- timer: renew the certificate when due (the time is kept in status, so a tick reads no Secret);
+  put the agent's ports back on the Service if someone rewrote them; status from the relays'
+  reports: ports open on every ready relay, tunnels held to how many relay instances.
+- delete: take the ports back from the Service and wait until no ready relay holds the agent any
+  more (the relays' sync sidecars revoke it when they see it marked); the agent's Secret goes
+  with the TunnelAgent (owner reference, garbage collector).
 
-Port ownership: the relay serializes claims while it runs, but forgets everything when it
-restarts; the Service's `atlax.dev/ports` annotation survives, so it is checked before every push.
-Handlers and the timer of one TunnelAgent take the same lock, so they never push concurrently;
-a timer tick that gets the lock after the TunnelAgent was marked for deletion does nothing.
+The controller never talks to a relay: each relay pod's sync sidecar does (sync.py). Who holds a
+port or a hostname is the controller's decision, recorded in the Service's annotations
+(claims.py), which outlive every relay process; a sidecar pushes an agent once its claims are
+granted there. The controller never reads an agent's Secret back: what it issued is recorded in
+the TunnelAgent's status (certificate, relayAddress).
+Handlers and the timer of one TunnelAgent take the same lock; a timer tick that gets the lock
+after the TunnelAgent was marked for deletion does nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,6 @@ from cryptography.hazmat.primitives import serialization
 from kubernetes.client.exceptions import ApiException
 
 from atlax import certs
-from atlax.control.client import ControlClient, ControlSocketError
 from atlax.isotime import iso_utc
 
 from . import FINALIZER, GROUP, PLURAL, VERSION, kube, pki
@@ -36,110 +39,44 @@ from .claims import ClaimConflictError, Claims
 from .conditions import condition_true, same_conditions, set_condition
 from .keypins import key_pins, moved_to_current_key, previous_expired
 from .locks import AgentLocks
+from .reports import ReportCache, ServiceKey
+from .status import (
+    ConnectedReason,
+    LiveAgent,
+    PortsReason,
+    PortsResult,
+    live_agent,
+    ports_text,
+    service_keys,
+)
 
 log = logging.getLogger("atlax.operator")
 
 RELAY_CERT_CHECK_INTERVAL = 3600.0
-RELAY_START_TIMEOUT = 120.0  # the chart's relay waits as long for its certificate
-RETRYING = "its ports are not open yet (retrying)"
+REVOCATION_PATIENCE = 60.0  # seconds the delete handler waits for the relays to revoke
 ONE_SECOND = timedelta(seconds=1)
 
 
 @dataclass(frozen=True)
-class OperatorConfig:
+class ControllerConfig:
     namespace: str
-    control_socket: Path
     service_name: str
     relay_address: str  # host:port the agents dial, written into their Secrets
     relay_sans: tuple[str, ...]
-    relay_tls_dir: Path | None
+    relay_tls_dir: Path | None = None  # `atlax operator`: the relay's files, written directly
     status_interval: float = 10.0
     public_address: str | None = None
 
 
 @dataclass
-class OperatorState:
-    config: OperatorConfig
+class ControllerState:
+    config: ControllerConfig
+    reports: ReportCache
     ca: certs.CertKeyPair | None = None
-    client: ControlClient = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.client = ControlClient(self.config.control_socket)
 
 
-class PortsReason(StrEnum):
-    """The PortsOpen condition's reason (and the event's) after trying to open an agent's ports."""
-
-    OPEN = "Open"
-    PORT_CONFLICT = "PortConflict"
-    PORT_NOT_PERMITTED = "PortNotPermitted"  # below 1024 without the chart's sysctl
-    SERVICE_NOT_FOUND = "ServiceNotFound"
-    RELAY_UNAVAILABLE = "RelayUnavailable"  # retried soon: the relay is starting or restarting
-    REJECTED = "Rejected"
-
-
-@dataclass(frozen=True)
-class PortsResult:
-    reason: PortsReason
-    message: str
-    address: str | None = None  # the Service's load-balancer address, once the ports are open
-
-    @property
-    def open(self) -> bool:
-        return self.reason is PortsReason.OPEN
-
-
-@dataclass(frozen=True)
-class RelayView:
-    """What the relay's control socket says about one agent, or why it could not be asked."""
-
-    agent: dict[str, Any] | None = None  # None: the relay does not know it (or is unreachable)
-    relay_id: str | None = None  # changes when the relay process restarts
-    error: str | None = None  # the relay could not be reached
-
-
-def _relay_services(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for s in spec.get("services", []):
-        item: dict[str, Any] = {"name": s["name"], "port": s["port"]}
-        if s.get("protocol", "tcp") != "tcp":
-            item["protocol"] = s["protocol"]
-        if s.get("route"):
-            item["route"] = s["route"]
-            item["hostnames"] = list(s.get("hostnames", []))
-        if s.get("proxyProtocol"):
-            item["proxy_protocol"] = s["proxyProtocol"]
-        if s.get("allowedSourceRanges"):
-            item["allow"] = s["allowedSourceRanges"]
-        if s.get("maxConnections"):
-            item["max_connections"] = s["maxConnections"]
-        out.append(item)
-    return out
-
-
-def _ports_text(spec: dict[str, Any]) -> str:
-    return ",".join(
-        f"{s['name']}:{s['port']}" + ("/udp" if s.get("protocol") == "udp" else "")
-        for s in spec.get("services", [])
-    )
-
-
-def _ports(services: list[dict[str, Any]]) -> set[tuple[str, int, str, str, tuple[str, ...]]]:
-    """What a service list (the spec's or the relay's live one) claims, to compare the two."""
-    return {
-        (
-            s["name"],
-            int(s["port"]),
-            s.get("protocol", "tcp"),
-            s.get("route") or "",
-            tuple(sorted(s.get("hostnames") or ())),
-        )
-        for s in services
-    }
-
-
-def _condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any]:
-    return next((c for c in conditions if c.get("type") == type_), {})
+def _spec_services(spec: dict[str, Any]) -> tuple[ServiceKey, ...]:
+    return service_keys(spec.get("services", []))
 
 
 def _issued_certificate(status: dict[str, Any]) -> x509.Certificate | None:
@@ -148,6 +85,10 @@ def _issued_certificate(status: dict[str, Any]) -> x509.Certificate | None:
         return x509.load_pem_x509_certificate(status["certificate"].encode())
     except (KeyError, AttributeError, ValueError):
         return None
+
+
+def _condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any]:
+    return next((c for c in conditions if c.get("type") == type_), {})
 
 
 def _renewal_due(status: dict[str, Any]) -> bool:
@@ -159,87 +100,61 @@ def _renewal_due(status: dict[str, Any]) -> bool:
         return True
 
 
+def _ready(
+    conditions: list[dict[str, Any]], live: LiveAgent, generation: int | None
+) -> list[dict[str, Any]]:
+    ports_open = condition_true(conditions, "PortsOpen")
+    ready = condition_true(conditions, "CertificateIssued") and ports_open and live.connected
+    if ready:
+        reason, message = "Ready", "the tunnels are up and the ports are open"
+    elif not ports_open:
+        reason, message = "PortsNotOpen", "see the PortsOpen condition"
+    elif live.reason is ConnectedReason.PARTIAL:
+        reason, message = "AgentPartiallyConnected", "see the Connected condition"
+    else:
+        reason, message = "AgentNotConnected", "waiting for the agent to connect"
+    return set_condition(conditions, "Ready", ready, reason, message, generation)
+
+
+def _post_transitions(
+    body: kopf.Body, before: list[dict[str, Any]], after: list[dict[str, Any]]
+) -> None:
+    """Events when PortsOpen or Connected changes (never for a tick that changed nothing)."""
+    old, new = _condition(before, "PortsOpen"), _condition(after, "PortsOpen")
+    if _ports_key(old) != _ports_key(new) and new.get("reason") != PortsReason.PENDING:
+        post = kopf.info if new.get("status") == "True" else kopf.warn
+        post(body, reason=new["reason"], message=new["message"])
+    old, new = _condition(before, "Connected"), _condition(after, "Connected")
+    if old.get("reason") != new.get("reason") and (old or new.get("status") == "True"):
+        reason = {
+            ConnectedReason.TUNNEL_UP: "Connected",
+            ConnectedReason.PARTIAL: "PartiallyConnected",
+        }.get(new["reason"], "Disconnected")
+        post = kopf.info if new.get("status") == "True" else kopf.warn
+        post(body, reason=reason, message=new["message"])
+
+
+def _ports_key(condition: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes a PortsOpen change worth an event: a conflict naming another holder is one."""
+    return (condition.get("status"), condition.get("reason"), condition.get("message"))
+
+
 class Reconciler:
-    def __init__(self, state: OperatorState) -> None:
+    def __init__(self, state: ControllerState) -> None:
         self.state = state
         self.config = state.config
         self.locks = AgentLocks()
-        # relayId of the relay process each agent was last pushed to: a new id is a restart.
-        self._pushed_to: dict[str, str] = {}
 
     async def startup(self) -> None:
+        """The CA (created once) and the relay's certificate, in Secrets (and files, if asked)."""
         cfg = self.config
         self.state.ca = await pki.load_or_create_ca(cfg.namespace)
         await pki.ensure_relay_certificate(
             cfg.namespace, self.state.ca, cfg.relay_sans, cfg.relay_tls_dir
         )
 
-    async def wait_for_relay(self, patience: float = RELAY_START_TIMEOUT) -> None:
-        """In the pod the relay starts once the certificate `startup` wrote is there: let it come
-        up before the first reconcile, so that a normal start is not reported as an error."""
-        client, loop = self.state.client, asyncio.get_running_loop()
-        deadline = loop.time() + patience
-        waiting = False
-        while True:
-            try:
-                health = await client.health()
-            except ControlSocketError as exc:
-                if loop.time() >= deadline:
-                    log.warning(
-                        "the relay does not answer after %gs (%s); starting anyway, "
-                        "TunnelAgents are retried until it does",
-                        patience,
-                        exc,
-                    )
-                    return
-                if not waiting:
-                    log.info("waiting for the relay's control socket %s", client.path)
-                    waiting = True
-                await asyncio.sleep(0.5)
-                continue
-            log.info("relay is up (relay id %s)", health.get("relayId"))
-            return
-
-    async def keep_relay_synced(self, interval: float = 1.0, eager: float = 0.2) -> None:
-        """Tell the relay when its control state is complete: once every TunnelAgent whose
-        ports the relay can open is there (after a relay restart too), `PUT /cluster`. The
-        relay takes agents only from then on (docs/high-availability.md); while it waits, this
-        looks every `eager` seconds."""
-        while True:
-            synced = False
-            try:
-                synced = await self._sync_relay()
-            except (ControlSocketError, ApiException, OSError) as exc:
-                log.debug("relay sync check: %s", kube.describe(exc))
-            await asyncio.sleep(interval if synced else eager)
-
-    async def _sync_relay(self) -> bool:
-        """Whether the relay is synced (now or already)."""
-        client = self.state.client
-        status, cluster = await client.call("GET", "/cluster")
-        if status != 200 or not isinstance(cluster, dict) or cluster.get("synced"):
-            return True  # synced already (or a relay without the cluster API)
-        items = await kube.list_custom(self.config.namespace, GROUP, VERSION, PLURAL)
-        wanted = {
-            item["metadata"]["name"]: _ports(item.get("spec", {}).get("services", []))
-            for item in items
-            if not item["metadata"].get("deletionTimestamp")
-            and condition_true(item.get("status", {}).get("conditions", []), "PortsOpen")
-        }
-        listing = await client.agents()
-        live = {a["name"]: _ports(a.get("services", [])) for a in listing.get("agents", [])}
-        missing = sorted(n for n, ports in wanted.items() if live.get(n) != ports)
-        if missing:
-            log.debug("relay not synced yet: waiting for %s", ", ".join(missing))
-            return False
-        replicas = cluster.get("replicas")  # the relay's own (its config file's): kept
-        status, _ = await client.set_cluster(replicas if isinstance(replicas, int) else 1)
-        if status == 200:
-            log.info("relay has all %d TunnelAgent(s): marked synced", len(wanted))
-        return status == 200
-
     async def keep_relay_certificate(self, interval: float = RELAY_CERT_CHECK_INTERVAL) -> None:
-        """Re-issue the relay's certificate two thirds into its lifetime (the relay reloads it)."""
+        """Re-issue the relay's certificate two thirds into its lifetime (the relays reload it)."""
         cfg = self.config
         while True:
             await asyncio.sleep(interval)
@@ -255,41 +170,33 @@ class Reconciler:
 
     async def reconcile(self, body: kopf.Body, patch: kopf.Patch) -> None:
         async with self.locks.hold(body["metadata"]["name"]):
-            await self._reconcile(body, patch)
+            try:
+                status = await self._certificate(body, patch)
+                await self._status(body, patch, status)
+            except ApiException as exc:
+                raise kopf.TemporaryError(kube.describe(exc), delay=10) from None
 
-    async def _reconcile(
-        self, body: kopf.Body, patch: kopf.Patch, *, agent_moved: bool = False
-    ) -> None:
-        """Bring one TunnelAgent to its desired state and write what happened into status.
-
-        `agent_moved`: the relay saw the agent's tunnel with its current key, so the key of a
-        renewal's predecessor need not be accepted any longer (see keypins)."""
+    async def _certificate(self, body: kopf.Body, patch: kopf.Patch) -> dict[str, Any]:
+        """The agent's certificate Secret; returns status as it will be after `patch`."""
         cfg, ca = self.config, self.state.ca
         assert ca is not None
         name, spec = body["metadata"]["name"], dict(body.get("spec", {}))
         generation = body["metadata"].get("generation")
-        conditions: list[dict[str, Any]] = list(body.get("status", {}).get("conditions", []))
         try:
             lifetime = certs.parse_lifetime(spec.get("certificateLifetime", "90d"))
         except certs.CertificateError as exc:
             raise kopf.PermanentError(str(exc)) from None
-        status = body.get("status", {})
-        try:
-            issued = await pki.ensure_agent_secret(
-                cfg.namespace,
-                name,
-                ca,
-                lifetime,
-                cfg.relay_address,
-                body,
-                _issued_certificate(status),
-                status.get("relayAddress"),
-            )
-            cert, reissued = issued.cert, issued.reissued
-            pins = key_pins(status, issued, agent_moved=agent_moved)
-            ports = await self._open_ports(name, spec, pins.pins)
-        except ApiException as exc:
-            raise kopf.TemporaryError(kube.describe(exc), delay=10) from None
+        status = dict(body.get("status", {}))
+        cert, reissued = await pki.ensure_agent_secret(
+            cfg.namespace,
+            name,
+            ca,
+            lifetime,
+            cfg.relay_address,
+            body,
+            _issued_certificate(status),
+            status.get("relayAddress"),
+        )
         secret = pki.agent_secret_name(name)
         if reissued:
             kopf.info(
@@ -298,272 +205,139 @@ class Reconciler:
                 message=f"certificate for {name!r} valid until "
                 f"{iso_utc(cert.not_valid_after_utc)} written to Secret {secret}",
             )
-        conditions = set_condition(
-            conditions, "CertificateIssued", True, "Issued", f"Secret {secret}", generation
+        patch.status["conditions"] = status["conditions"] = set_condition(
+            list(status.get("conditions", [])),
+            "CertificateIssued",
+            True,
+            "Issued",
+            f"Secret {secret}",
+            generation,
         )
-        before = _condition(conditions, "PortsOpen")
-        conditions = set_condition(
-            conditions, "PortsOpen", ports.open, ports.reason.value, ports.message, generation
-        )
-        if (before.get("status"), before.get("message")) != (
-            "True" if ports.open else "False",
-            ports.message,
-        ):  # events on transitions only: the timer retries conflicts every few seconds
-            post = kopf.info if ports.open else kopf.warn
-            post(body, reason=ports.reason.value, message=ports.message)
-        connected = bool(body.get("status", {}).get("connected", False))
-        conditions = self._ready(conditions, connected, generation)
-        patch.status["conditions"] = conditions
         patch.status["observedGeneration"] = generation
-        patch.status["ports"] = _ports_text(spec)
+        patch.status["ports"] = ports_text(_spec_services(spec))
         patch.status["secretName"] = secret
         patch.status["certificateNotAfter"] = iso_utc(cert.not_valid_after_utc)
         # Read back by the timer (no Secret read per tick). A second later than the exact time,
         # which the timestamp's whole seconds would cut: never due before pki's own check agrees.
-        patch.status["certificateRenewalTime"] = iso_utc(certs.renewal_time(cert) + ONE_SECOND)
+        renewal = iso_utc(certs.renewal_time(cert) + ONE_SECOND)
+        patch.status["certificateRenewalTime"] = status["certificateRenewalTime"] = renewal
         patch.status["certificate"] = cert.public_bytes(serialization.Encoding.PEM).decode()
         patch.status["relayAddress"] = cfg.relay_address
-        patch.status["keyPins"] = list(pins.pins)
-        patch.status["previousCertificateNotAfter"] = (
-            iso_utc(pins.previous_until) if pins.previous_until else None
-        )
-        patch.status["publicAddress"] = (
-            ports.address or cfg.public_address or cfg.relay_address.rsplit(":", 1)[0]
-        )
-        if ports.reason is PortsReason.RELAY_UNAVAILABLE:
-            raise kopf.TemporaryError(ports.message, delay=5)
-
-    async def _open_ports(
-        self, name: str, spec: dict[str, Any], pins: tuple[str, ...]
-    ) -> PortsResult:
-        """Service ownership first (it survives relay restarts), then the relay, then the Service's
-        port list."""
-        cfg = self.config
-        owner = f"{cfg.namespace}/{name}"
-        claims = Claims.of(spec.get("services", []))
-        try:
-            await kube.check_claims(cfg.namespace, cfg.service_name, owner, claims)
-            pushed = await self._push(name, spec, pins)
-            if not pushed.open:
-                return pushed
-            lb = await kube.sync_claims(cfg.namespace, cfg.service_name, owner, claims)
-        except ClaimConflictError as exc:
-            await self._release_foreign_ports(name, owner)
-            return PortsResult(PortsReason.PORT_CONFLICT, str(exc))
-        except kube.ServiceNotFoundError as exc:
-            return PortsResult(PortsReason.SERVICE_NOT_FOUND, str(exc))
-        return PortsResult(pushed.reason, pushed.message, lb)
-
-    async def _push(self, name: str, spec: dict[str, Any], pins: tuple[str, ...]) -> PortsResult:
-        extra: dict[str, Any] = {"pins": list(pins)}
-        if spec.get("maxStreams"):
-            extra["max_streams"] = spec["maxStreams"]
-        try:
-            # relayId before the PUT: if the relay restarts in between, the next tick sees a new id.
-            relay_id = str((await self.state.client.health()).get("relayId"))
-            status, reply = await self.state.client.put_agent(name, _relay_services(spec), **extra)
-        except ControlSocketError as exc:
-            return PortsResult(PortsReason.RELAY_UNAVAILABLE, str(exc))
-        error = reply.get("error", "") if isinstance(reply, dict) else str(reply)
-        if status == 200:
-            self._pushed_to[name] = relay_id
-            return PortsResult(PortsReason.OPEN, f"ports {_ports_text(spec)} open on the relay")
-        if status == 409:
-            return PortsResult(PortsReason.PORT_CONFLICT, error)
-        if status == 403:  # a port below 1024 without the sysctl: a setting, not a conflict
-            return PortsResult(PortsReason.PORT_NOT_PERMITTED, error)
-        return PortsResult(PortsReason.REJECTED, f"the relay rejected the spec: {error}")
-
-    async def _release_foreign_ports(self, name: str, owner: str) -> None:
-        """If the relay lets this agent hold a port the Service gives to another TunnelAgent (it
-        asked first after a relay restart), take the agent off the relay until that is settled."""
-        cfg = self.config
-        try:
-            status, live = await self.state.client.call("GET", f"/agents/{name}")
-            if status != 200 or not isinstance(live, dict):
-                return
-            held = await kube.holdings(cfg.namespace, cfg.service_name)
-            foreign = held.conflict(owner, Claims.of(live.get("services", [])))
-            if foreign is not None:
-                log.warning(
-                    "TunnelAgent %r holds a port or hostname at the relay that belongs to "
-                    "others (%s): removing it from the relay until the conflict is resolved",
-                    name,
-                    foreign,
-                )
-                await self.state.client.delete_agent(name)
-                self._pushed_to.pop(name, None)
-        except (ControlSocketError, kube.ServiceNotFoundError):
-            return
-
-    @staticmethod
-    def _ready(
-        conditions: list[dict[str, Any]], connected: bool, generation: int | None
-    ) -> list[dict[str, Any]]:
-        ready = (
-            condition_true(conditions, "CertificateIssued")
-            and condition_true(conditions, "PortsOpen")
-            and connected
-        )
-        if ready:
-            reason, message = "Ready", "the tunnel is up and its ports are open"
-        elif not condition_true(conditions, "PortsOpen"):
-            reason, message = "PortsNotOpen", "see the PortsOpen condition"
-        else:
-            reason, message = (
-                "AgentNotConnected",
-                "waiting for the agent to connect with its certificate",
-            )
-        return set_condition(conditions, "Ready", ready, reason, message, generation)
+        return status
 
     # -- timer -------------------------------------------------------------------------------
 
     async def observe(self, body: kopf.Body, patch: kopf.Patch) -> None:
         async with self.locks.hold(body["metadata"]["name"]):
             # kopf's timers see the live body. Marked for deletion while this tick waited for the
-            # lock (held by `delete`): a re-push now would bring the agent back at the relay.
+            # lock (held by `delete`): nothing more to do for it.
             if body["metadata"].get("deletionTimestamp"):
                 return
             try:
-                await self._observe(body, patch)
+                status = dict(body.get("status", {}))
+                if _renewal_due(status):  # or not known yet: the create handler is not done
+                    if status.get("certificateRenewalTime"):
+                        log.info(
+                            "TunnelAgent %r: renewing its certificate", body["metadata"]["name"]
+                        )
+                    status = await self._certificate(body, patch)
+                await self._status(body, patch, status)
             except ApiException as exc:
                 raise kopf.TemporaryError(kube.describe(exc), delay=10) from None
 
-    async def _observe(self, body: kopf.Body, patch: kopf.Patch) -> None:
-        """Copy live state from the relay into status; repair what drifted."""
-        name = body["metadata"]["name"]
-        spec = dict(body.get("spec", {}))
-        status = dict(body.get("status", {}))
+    # -- status ------------------------------------------------------------------------------
+
+    async def _status(self, body: kopf.Body, patch: kopf.Patch, status: dict[str, Any]) -> None:
+        """Grant the ports on the Service (again: it may have been rewritten), read the relays'
+        reports, and write what changed: conditions, counts, events on transitions."""
+        cfg = self.config
+        name, spec = body["metadata"]["name"], dict(body.get("spec", {}))
         generation = body["metadata"].get("generation")
-        view = await self._relay_view(name)
-        if view.error is None:
-            why = self._push_needed(name, spec, status, view)
-            if why is None and _renewal_due(status):
-                why = "its certificate is due for renewal"
-            moved = moved_to_current_key(status, view.agent)
-            if why is None and moved:
-                why = "the agent has moved to its renewed key: the previous one is unpinned"
-            elif why is None and previous_expired(status):
-                why = "the certificate its renewal replaced has expired: unpinning its key"
-            if why is not None:
-                level = logging.DEBUG if why == RETRYING else logging.INFO
-                log.log(level, "TunnelAgent %r: reconciling because %s", name, why)
-                await self._reconcile(body, patch, agent_moved=moved)
-                status = {**status, **dict(patch.status)}
-                view = await self._relay_view(name)  # the relay may be gone again
-            else:
-                # The Service's ports can be reset behind our back (`helm upgrade` rewrites the
-                # port list): put this agent's back. No write when nothing changed.
-                await self._repair_service_ports(name, spec)
-        live = view.agent
-        connected = bool(live and live.get("connected"))
-        conditions = list(status.get("conditions", []))
-        if view.error is not None:
-            message = f"relay not reachable: {view.error}"
-        else:
-            message = (
-                f"tunnel up from {live.get('peer')}"
-                if connected and live
-                else "the agent is not connected"
-            )
-        new = set_condition(
-            conditions,
-            "Connected",
-            connected,
-            "TunnelUp" if connected else "TunnelDown",
-            message,
-            generation,
+        claim = await self._claim(name, spec)
+        live = live_agent(name, _spec_services(spec), await self.state.reports.get())
+        ports = live.ports if claim.open else claim
+        before = list(status.get("conditions", []))
+        conditions = set_condition(
+            before, "PortsOpen", ports.open, ports.reason.value, ports.message, generation
         )
-        new = self._ready(new, connected, generation)
-        was_connected = bool(body.get("status", {}).get("connected", False))
-        if connected != was_connected:
-            (kopf.info if connected else kopf.warn)(
-                body, reason="Connected" if connected else "Disconnected", message=message
-            )
-        updates: dict[str, Any] = {"connected": connected}
-        if live is not None:
-            updates.update(
-                bytesIn=live.get("bytesIn", 0),
-                bytesOut=live.get("bytesOut", 0),
-                activeStreams=live.get("activeStreams", 0),
-            )
-            if live.get("lastHeartbeat"):
-                updates["lastSeen"] = live["lastHeartbeat"]
+        conditions = set_condition(
+            conditions, "Connected", live.connected, live.reason.value, live.message, generation
+        )
+        conditions = _ready(conditions, live, generation)
+        _post_transitions(body, list(body.get("status", {}).get("conditions", [])), conditions)
+        updates: dict[str, Any] = {
+            "connected": live.connected_instances > 0,
+            "connectedInstances": live.connected_instances,
+            "relayInstances": live.relay_instances,
+            "tunnels": live.tunnels,
+            "bytesIn": live.bytes_in,
+            "bytesOut": live.bytes_out,
+            "activeStreams": live.active_streams,
+            "publicAddress": claim.address
+            or cfg.public_address
+            or cfg.relay_address.rsplit(":", 1)[0],
+        }
+        if live.last_seen:
+            updates["lastSeen"] = live.last_seen
         current = {k: status.get(k) for k in updates}
-        if current != updates or not same_conditions(status.get("conditions", []), new):
+        if current != updates or not same_conditions(status.get("conditions", []), conditions):
             for key, value in updates.items():
                 patch.status[key] = value
-            patch.status["conditions"] = new
+            patch.status["conditions"] = conditions
 
-    async def _relay_view(self, name: str) -> RelayView:
-        try:
-            listing = await self.state.client.agents()
-        except ControlSocketError as exc:
-            return RelayView(error=str(exc))
-        live = next((a for a in listing.get("agents", []) if a["name"] == name), None)
-        return RelayView(live, str(listing.get("relayId")))
-
-    def _push_needed(
-        self, name: str, spec: dict[str, Any], status: dict[str, Any], view: RelayView
-    ) -> str | None:
-        """Why the desired state must be pushed again, or None."""
-        live = view.agent
-        if not condition_true(status.get("conditions", []), "PortsOpen"):
-            return RETRYING
-        if live is None:
-            return "the relay does not know it (restarted?)"
-        if self._pushed_to.get(name) != view.relay_id:
-            return "the relay restarted"
-        if _ports(live.get("services", [])) != _ports(spec.get("services", [])):
-            return "the relay's ports differ from the spec"
-        if list(live.get("pins", [])) != list(status.get("keyPins", [])):
-            return "the relay's key pins differ from status"
-        return None
-
-    async def _repair_service_ports(self, name: str, spec: dict[str, Any]) -> None:
+    async def _claim(self, name: str, spec: dict[str, Any]) -> PortsResult:
+        """The agent's ports and hostnames on the Service, written to it in its annotations
+        (OPEN: granted)."""
         cfg = self.config
         claims = Claims.of(spec.get("services", []))
         try:
-            await kube.sync_claims(
+            address = await kube.sync_claims(
                 cfg.namespace, cfg.service_name, f"{cfg.namespace}/{name}", claims
             )
-        except (ClaimConflictError, kube.ServiceNotFoundError) as exc:
-            log.warning("TunnelAgent %r: %s", name, exc)
+        except ClaimConflictError as exc:
+            return PortsResult(PortsReason.PORT_CONFLICT, str(exc))
+        except kube.ServiceNotFoundError as exc:
+            return PortsResult(PortsReason.SERVICE_NOT_FOUND, str(exc))
+        return PortsResult(PortsReason.OPEN, "granted", address)
 
     # -- delete ------------------------------------------------------------------------------
 
-    async def delete(self, body: kopf.Body, retry: int) -> None:
-        name = body["metadata"]["name"]
-        async with self.locks.hold(name):
-            await self._delete(body, retry)
-            self._pushed_to.pop(name, None)
+    async def delete(self, body: kopf.Body) -> None:
+        async with self.locks.hold(body["metadata"]["name"]):
+            await self._delete(body)
 
-    async def _delete(self, body: kopf.Body, retry: int) -> None:
+    async def _delete(self, body: kopf.Body) -> None:
         cfg = self.config
         name = body["metadata"]["name"]
         try:
-            await self.state.client.delete_agent(name)
-        except ControlSocketError as exc:
-            if retry < 5:
-                raise kopf.TemporaryError(
-                    f"cannot revoke {name!r} at the relay yet: {exc}", delay=2
-                ) from None
-            log.warning(
-                "relay unreachable while deleting %r; a restarted relay will not know it anyway",
-                name,
-            )
-        try:
             # The agent's Secret is owned by the TunnelAgent: the garbage collector deletes it
-            # (the operator's Role has no `delete` on Secrets).
+            # (the controller's Role has no `delete` on Secrets).
             await kube.remove_claims(cfg.namespace, cfg.service_name, f"{cfg.namespace}/{name}")
+            holding = await self._holding(name)
         except ApiException as exc:
             raise kopf.TemporaryError(kube.describe(exc), delay=5) from None
-        kopf.info(body, reason="Revoked", message=f"{name!r} revoked at the relay, ports closed")
+        if holding:
+            log.warning("relay(s) %s still hold %r; releasing it anyway", ", ".join(holding), name)
+        kopf.info(body, reason="Revoked", message=f"{name!r} revoked at the relays, ports closed")
+
+    async def _holding(self, name: str) -> list[str]:
+        """Wait (up to REVOCATION_PATIENCE) until no ready relay holds `name`; the ones that
+        still do. A relay that is gone or unreachable holds nothing: it will not know the agent
+        when it comes back, as its sidecar gives it only what the TunnelAgents say."""
+        deadline = asyncio.get_running_loop().time() + REVOCATION_PATIENCE
+        while True:
+            reports = await self.state.reports.get(fresh=True)
+            holding = sorted(r.pod for r in reports if r.ready and name in r.agents)
+            if not holding or asyncio.get_running_loop().time() >= deadline:
+                return holding
+            await asyncio.sleep(0.5)
 
 
-def build_registry(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Reconciler]:
+def build_registry(
+    config: ControllerConfig, reports: ReportCache
+) -> tuple[kopf.OperatorRegistry, Reconciler]:
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(OperatorState(config))
+    reconciler = Reconciler(ControllerState(config, reports))
     resource = (GROUP, VERSION, PLURAL)
 
     @kopf.on.login(registry=registry)
@@ -585,7 +359,10 @@ def build_registry(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Recon
         # a tick is still running when kopf checks and no later event comes, kopf looks again
         # after this many seconds (its default is 60).
         settings.background.cancellation_polling = 1.0
-        if reconciler.state.ca is None:  # `atlax operator` prepares certificates before kopf
+        # kopf would SIGKILL the whole process 10 minutes after being stopped in any other way
+        # than a signal: a controller that loses its Lease stops kopf and stays a candidate.
+        settings.process.ultimate_exiting_timeout = None
+        if reconciler.state.ca is None:  # the CLI prepares certificates before kopf
             await reconciler.startup()
 
     @kopf.on.resume(*resource, registry=registry)
@@ -595,8 +372,8 @@ def build_registry(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Recon
         await reconciler.reconcile(body, patch)
 
     @kopf.on.delete(*resource, registry=registry)
-    async def delete(body: kopf.Body, retry: int, **_: Any) -> None:
-        await reconciler.delete(body, retry)
+    async def delete(body: kopf.Body, **_: Any) -> None:
+        await reconciler.delete(body)
 
     @kopf.timer(*resource, interval=config.status_interval, registry=registry)
     async def observe(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
