@@ -136,6 +136,31 @@ def test_default_render_is_hardened() -> None:
     assert all(d["metadata"].get("namespace") == "atlax" for d in docs.values())
 
 
+def test_each_operator_role_has_a_least_privilege_role_of_its_own() -> None:
+    """The relay pod's sync sidecar reads no Secret and writes nothing but Leases (its report);
+    the controller's Lease rights are narrowed to its election Lease where a name can be."""
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render()}
+    sync = docs[("Role", "atlax-sync")]["rules"]
+    assert not any("secrets" in r["resources"] for r in sync)
+    writes = [r for r in sync if set(r["verbs"]) - {"get", "list", "watch"}]
+    assert [(r["resources"], sorted(r["verbs"])) for r in writes] == [
+        (["leases"], ["create", "get", "update"])
+    ]
+    assert next(r for r in sync if r["resources"] == ["services"])["resourceNames"] == ["atlax"]
+    assert docs[("ServiceAccount", "atlax-sync")]["automountServiceAccountToken"] is False
+    controller = docs[("Role", "atlax-controller")]["rules"]
+    election = next(r for r in controller if r.get("resourceNames") == ["atlax-controller"])
+    assert election["resources"] == ["leases"] and election["verbs"] == ["get", "update"]
+    for role in ("controller", "sync"):
+        rules = docs[("Role", f"atlax-{role}")]["rules"]
+        assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
+        binding = docs[("RoleBinding", f"atlax-{role}")]
+        assert binding["roleRef"]["name"] == f"atlax-{role}"
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": f"atlax-{role}", "namespace": "atlax"}
+        ]
+
+
 def test_custom_values_render() -> None:
     docs = {(d["kind"], d["metadata"]["name"]): d for d in render(*CUSTOM)}
     pod = docs[("Deployment", "atlax")]["spec"]["template"]["spec"]
