@@ -252,14 +252,14 @@ def test_the_sync_gives_the_relay_exactly_what_is_granted(env: Env) -> None:
             assert report.ready and "mover" not in report.agents  # not granted yet
             await reconciler.reconcile(body, kopf.Patch())
             report = await sync.step()
-            assert report.agents["mover"].ports == ((f"s{old}", old),)
+            assert report.agents["mover"].ports == ((f"s{old}", old, "tcp", "", ()),)
 
             env.apply_agent("mover", new)  # the controller has not granted `new` yet
             report = await sync.step()
-            assert report.agents["mover"].ports == ((f"s{old}", old),)
+            assert report.agents["mover"].ports == ((f"s{old}", old, "tcp", "", ()),)
             await reconciler.reconcile(env.body("mover"), kopf.Patch())
             report = await sync.step()
-            assert report.agents["mover"].ports == ((f"s{new}", new),)
+            assert report.agents["mover"].ports == ((f"s{new}", new, "tcp", "", ()),)
 
             # Someone put an agent on the relay that no TunnelAgent describes: revoked.
             client = ControlClient(env.control_socket)

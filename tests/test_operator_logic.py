@@ -3,13 +3,15 @@ aggregation of relay reports into a TunnelAgent's status, the sync's desired sta
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from atlax_operator.claims import Holdings
 from atlax_operator.election import Election, LeaseRecord
 from atlax_operator.reports import AgentReport, RelayReport, report_lease_name
-from atlax_operator.status import ConnectedReason, PortsReason, live_agent
+from atlax_operator.status import ConnectedReason, PortsReason, live_agent, service_keys
 from atlax_operator.sync import desired_state, live_tunnels
 
 WALL = datetime(2025, 1, 1, tzinfo=UTC)
@@ -134,7 +136,7 @@ def test_election_timings_must_be_ordered(duration: float, deadline: float, retr
 
 # -- status from reports -------------------------------------------------------------------------
 
-WEB = (("web", 8080),)
+WEB = service_keys([{"name": "web", "port": 8080}])
 
 
 def relay(pod: str, instances: int = 1, **agents: AgentReport) -> RelayReport:
@@ -216,16 +218,23 @@ def agent(name: str, *ports: int, deleting: bool = False, **spec: object) -> dic
     return {"metadata": metadata, "spec": {"services": services, **spec}}
 
 
-def test_only_agents_whose_ports_are_all_granted_are_pushed() -> None:
-    holders = {80: "ns/web", 81: "ns/web", 90: "ns/other", 7443: ""}
+def holdings(ports: dict[str, str], shared: dict[str, object] | None = None) -> Holdings:
+    annotations = {"atlax.dev/ports": json.dumps(ports)}
+    if shared:
+        annotations["atlax.dev/hostnames"] = json.dumps(shared)
+    return Holdings.read(annotations, [(7443, "TCP")])
+
+
+def test_only_agents_whose_claims_are_all_granted_are_pushed() -> None:
+    held = holdings({"80": "ns/web", "81": "ns/web", "90": "ns/other", "82": "ns/moved"})
     desired = desired_state(
         [
             agent("web", 80, 81, maxStreams=5),
-            agent("moved", 82),  # its spec names a port not granted (yet)
+            agent("moved", 83),  # its spec names a port not granted (yet): 82 is still its own
             agent("thief", 90),  # granted to someone else
             agent("gone", 80, deleting=True),
         ],
-        holders,
+        held,
         "ns",
         replicas=3,
     )
@@ -234,8 +243,31 @@ def test_only_agents_whose_ports_are_all_granted_are_pushed() -> None:
         "services": [{"name": "s80", "port": 80}, {"name": "s81", "port": 81}],
         "max_streams": 5,
     }
-    assert desired.granted == {"web": {80, 81}, "moved": frozenset(), "thief": frozenset()}
-    assert desired.replicas == 3
+    assert desired.existing == {"web", "moved", "thief"} and desired.replicas == 3
+    # What the relay may keep of an agent not pushed: nothing granted to someone else.
+    assert desired.may_keep("moved", {"services": [{"name": "s82", "port": 82}]})
+    assert not desired.may_keep("thief", {"services": [{"name": "s90", "port": 90}]})
+    assert not desired.may_keep("gone", {"services": [{"name": "s80", "port": 80}]})
+    assert not desired.may_keep("stray", {"services": []})
+
+
+def test_a_shared_port_is_pushed_once_its_hostnames_are_granted() -> None:
+    item = agent("nas")
+    item["spec"] = {
+        "services": [
+            {"name": "web", "port": 443, "route": "tls", "hostnames": ["nas.example.com"]},
+            {"name": "dns", "port": 53, "protocol": "udp"},
+        ]
+    }
+    shared = {"443": {"route": "tls", "hostnames": {"nas.example.com": "ns/nas"}}}
+    desired = desired_state([item], holdings({"53/udp": "ns/nas"}, shared), "ns")
+    assert desired.specs["nas"]["services"] == [
+        {"name": "web", "port": 443, "route": "tls", "hostnames": ["nas.example.com"]},
+        {"name": "dns", "port": 53, "protocol": "udp"},
+    ]
+    other = {"443": {"route": "tls", "hostnames": {"nas.example.com": "ns/other"}}}
+    assert desired_state([item], holdings({"53/udp": "ns/nas"}, other), "ns").specs == {}
+    assert desired_state([item], holdings({}, shared), "ns").specs == {}  # no 53/udp yet
 
 
 def test_the_relay_spec_carries_every_service_option() -> None:
@@ -251,7 +283,7 @@ def test_the_relay_spec_carries_every_service_option() -> None:
             }
         ]
     }
-    desired = desired_state([item], {80: "ns/web"}, "ns")
+    desired = desired_state([item], holdings({"80": "ns/web"}), "ns")
     assert desired.specs["web"]["services"] == [
         {
             "name": "web",
