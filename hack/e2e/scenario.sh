@@ -198,7 +198,7 @@ e2e_connected() {  # the TunnelAgent turns Ready and Connected
     local table
     table=$(kc get tunnelagents -n "$E2E_NS")
     echo "$table"
-    echo "$table" | awk -v n="$E2E_AGENT" '$1 == n && $2 == "True" && $3 == "true" { ok = 1 } END { exit !ok }'
+    echo "$table" | awk -v n="$E2E_AGENT" '$1 == n && $2 == "True" && $3 == "1/1" { ok = 1 } END { exit !ok }'
 }
 
 e2e_traffic() {  # 16 MiB hashed through port 445, 100 requests through 8080, curl as a user would

@@ -92,7 +92,7 @@ def _condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any]:
 
 
 def _renewal_due(status: dict[str, Any]) -> bool:
-    """The certificate's renewal time (from status) has come, or status does not tell it yet."""
+    """The certificate's renewal time (from status) has come, or cannot be read."""
     when = status.get("certificateRenewalTime")
     try:
         return not when or datetime.now(UTC) >= datetime.fromisoformat(when)
@@ -235,11 +235,10 @@ class Reconciler:
                 return
             try:
                 status = dict(body.get("status", {}))
-                if _renewal_due(status):  # or not known yet: the create handler is not done
-                    if status.get("certificateRenewalTime"):
-                        log.info(
-                            "TunnelAgent %r: renewing its certificate", body["metadata"]["name"]
-                        )
+                # No renewal time yet: the create handler has not issued it (or this tick's body
+                # predates its patch); minting here too would issue two certificates.
+                if status.get("certificateRenewalTime") and _renewal_due(status):
+                    log.info("TunnelAgent %r: renewing its certificate", body["metadata"]["name"])
                     status = await self._certificate(body, patch)
                 await self._status(body, patch, status)
             except ApiException as exc:
