@@ -289,50 +289,71 @@ class RelaySync:
         self._desired = desired_state(agents, holdings, cfg.namespace, replicas)
 
     async def _apply(self) -> RelayReport:
+        """Revoke, push, tell the cluster size; the report of what the relay then holds."""
         cfg, relay = self.config, self.relay
         listing = await relay.agents()
-        relay_id = str(listing.get("relayId"))
-        memory = self._memory
-        if relay_id != memory.relay_id:
-            if memory.relay_id is not None or self._relay_error is not None:
-                log.info("relay %s is up: giving it the desired state", relay_id)
-            memory = self._memory = _RelayMemory(relay_id)
-        self._relay_error = None
+        memory = self._relay_process(str(listing.get("relayId")))
         desired = self._desired
         if desired is None:
-            return RelayReport(
-                cfg.pod,
-                ready=False,
-                relay_id=relay_id,
-                error=f"no desired state: {self._api_error}",
-            )
+            error = f"no desired state: {self._api_error}"
+            return RelayReport(cfg.pod, ready=False, relay_id=memory.relay_id, error=error)
         live = {a["name"]: a for a in listing.get("agents", [])}
-        changed = False
-        for name, agent in live.items():  # revoke first: the ports they free may be pushed next
-            if name in desired.specs:
+        revoked = await self._revoke(desired, live, memory)
+        pushed, refused = await self._push(desired, live, memory)
+        if memory.told != desired.replicas:
+            memory.instances = await tell_cluster_size(relay, desired.replicas)
+            memory.told = desired.replicas
+        if revoked or pushed:
+            listing = await relay.agents()
+        agents = {a["name"]: _agent_report(a) for a in listing.get("agents", [])}
+        for name, (reason, message) in refused.items():
+            agents[name] = replace(agents.get(name, AgentReport()), refused=reason, message=message)
+        relay_id = str(listing.get("relayId"))
+        return RelayReport(cfg.pod, True, memory.instances, relay_id, None, agents)
+
+    def _relay_process(self, relay_id: str) -> _RelayMemory:
+        """What was done to this relay process; nothing if it is a new one (it restarted)."""
+        if relay_id != self._memory.relay_id:
+            if self._memory.relay_id is not None or self._relay_error is not None:
+                log.info("relay %s is up: giving it the desired state", relay_id)
+            self._memory = _RelayMemory(relay_id)
+        self._relay_error = None
+        return self._memory
+
+    async def _revoke(
+        self, desired: Desired, live: Mapping[str, Any], memory: _RelayMemory
+    ) -> bool:
+        """Revoke what the relay holds and may not keep (first: the ports it frees may be
+        pushed next). True if anything was."""
+        revoked = False
+        for name, agent in live.items():
+            if name in desired.specs or desired.may_keep(name, agent):
                 continue
-            if desired.may_keep(name, agent):
-                continue  # its spec changed and the controller has not granted it yet
-            await relay.delete_agent(name)
+            await self.relay.delete_agent(name)
             memory.pushed.pop(name, None)
             log.info("revoked %r at the relay", name)
-            changed = True
+            revoked = True
+        return revoked
+
+    async def _push(
+        self, desired: Desired, live: Mapping[str, Any], memory: _RelayMemory
+    ) -> tuple[bool, dict[str, tuple[PortsReason, str]]]:
+        """PUT every desired agent the relay does not hold as wanted (a refusal is retried on
+        the next pass). Whether any was pushed, and what the relay refused and why."""
+        pushed = False
         refused: dict[str, tuple[PortsReason, str]] = {}
         for name, body in desired.specs.items():
             agent = live.get(name)
-            if (
-                agent is not None
-                and memory.pushed.get(name) == body
-                and service_keys(agent.get("services", [])) == service_keys(body["services"])
-            ):
-                continue
-            status, reply = await relay.put_agent(name, body["services"], **_extra(body))
+            wanted = service_keys(body["services"])
+            if agent is not None and memory.pushed.get(name) == body:
+                if service_keys(agent.get("services", [])) == wanted:
+                    continue
+            status, reply = await self.relay.put_agent(name, body["services"], **_extra(body))
             error = reply.get("error", "") if isinstance(reply, dict) else str(reply)
             if status == 200:
                 memory.pushed[name] = body
-                changed = True
-                ports = ports_text(service_keys(body["services"]))
-                log.info("%r: ports %s open at the relay", name, ports)
+                pushed = True
+                log.info("%r: ports %s open at the relay", name, ports_text(wanted))
             elif status == 409:
                 refused[name] = (PortsReason.PORT_CONFLICT, error)
             elif status == 403:  # a port below 1024 without the sysctl: a setting
@@ -340,20 +361,10 @@ class RelaySync:
             else:
                 refused[name] = (PortsReason.REJECTED, f"the relay rejected the spec: {error}")
         for name, (_, message) in refused.items():
-            if self._refused.get(name, (None, ""))[1] != message:
+            if self._refused.get(name, (None, ""))[1] != message:  # once per new refusal
                 log.warning("%r: %s", name, message)
         self._refused = refused
-        if memory.told != desired.replicas:
-            memory.instances = await tell_cluster_size(relay, desired.replicas)
-            memory.told = desired.replicas
-        if changed:
-            listing = await relay.agents()
-        agents = {a["name"]: _agent_report(a) for a in listing.get("agents", [])}
-        for name, (reason, message) in refused.items():
-            agents[name] = replace(agents.get(name, AgentReport()), refused=reason, message=message)
-        return RelayReport(
-            cfg.pod, True, memory.instances, str(listing.get("relayId")), None, agents
-        )
+        return pushed, refused
 
     async def _publish(self, report: RelayReport, *, force: bool = False) -> None:
         now = time.monotonic()
