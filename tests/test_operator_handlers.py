@@ -236,6 +236,42 @@ def test_the_sync_survives_the_relay_going_away_after_a_push(env: Env) -> None:
 
 
 @pytest.mark.k8s
+def test_a_relay_that_hangs_up_while_answering_is_unreachable_in_status(env: Env) -> None:
+    """The relay dies (kill -9, OOM) while it answers the sync's request: the pass ends normally
+    and status says why. The client raised anyio's BrokenResourceError there, which ended the
+    sync's loop: no pass, so no repair, after the relay came back."""
+    body = env.apply_agent("hangup", free_port())
+    hangup = env.dir / "hangup.sock"
+
+    async def run() -> None:
+        listener = await anyio.create_unix_listener(hangup)
+
+        async def read_then_close(stream: anyio.abc.SocketStream) -> None:
+            async with stream:
+                await stream.receive()
+
+        reports = MemoryReports()
+        async with (
+            anyio.create_task_group() as tg,
+            started_reconciler(env.config(), reports) as reconciler,
+        ):
+            tg.start_soon(listener.serve, read_then_close)
+            report = await env.sync(reports, hangup).step()
+            patch = kopf.Patch()
+            await reconciler.observe(body, patch)
+            tg.cancel_scope.cancel()
+        assert not report.ready
+        connected = condition(patch.status["conditions"], "Connected")
+        assert connected["status"] == "False"
+        assert connected["message"] == (
+            f"relay not reachable: control socket {hangup}: "
+            "the connection was closed before the response was complete"
+        )
+
+    anyio.run(run)
+
+
+@pytest.mark.k8s
 def test_the_sync_gives_the_relay_exactly_what_is_granted(env: Env) -> None:
     """Level-triggered, one pass at a time: an agent is pushed once the controller granted its
     ports on the Service; a spec change keeps the old ports until the new ones are granted; an
