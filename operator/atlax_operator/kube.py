@@ -115,14 +115,6 @@ async def check_access(namespace: str, group: str, version: str, plural: str) ->
         ) from None
 
 
-async def list_custom(namespace: str, group: str, version: str, plural: str) -> list[Any]:
-    """Every object of a custom resource in `namespace`."""
-    api = client.CustomObjectsApi()
-    answer: Any = await call(api.list_namespaced_custom_object, group, version, namespace, plural)
-    items: list[Any] = answer.get("items", [])
-    return items
-
-
 async def call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     check = fence.get()
     if check is not None:
