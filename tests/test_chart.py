@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import signal
 import ssl
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, free_port, pod_relay, start_relay_process, wait_for
+from conftest import ROOT, free_port, wait_for
 from controlplane import ControlPlane
 
 CHART = ROOT / "charts" / "atlax"
@@ -89,22 +88,29 @@ def test_helm_lint() -> None:
 def test_default_render_is_hardened() -> None:
     docs = {(d["kind"], d["metadata"]["name"]): d for d in render()}
     deployment = docs[("Deployment", "atlax")]
+    controller = docs[("Deployment", "atlax-controller")]
     pod = deployment["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    controller_pod = controller["spec"]["template"]["spec"]
+    for spec in (pod, controller_pod):
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for container in spec["containers"]:
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert container["resources"]["limits"] and container["resources"]["requests"]
+        assert spec["automountServiceAccountToken"] is False
     assert {"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"} in pod["securityContext"][
         "sysctls"
     ]
-    for container in pod["containers"] + pod["initContainers"]:
-        sc = container["securityContext"]
-        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
-        assert sc["capabilities"]["drop"] == ["ALL"]
-        assert container["resources"]["limits"] and container["resources"]["requests"]
+    assert [c["name"] for c in pod["containers"]] == ["relay", "sync"]
+    assert "initContainers" not in pod
     relay = next(c for c in pod["containers"] if c["name"] == "relay")
     assert relay["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert relay["livenessProbe"]["httpGet"]["path"] == "/healthz"
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert "emptyDir" in volumes["control"] and "emptyDir" in volumes["tls"]
+    assert "emptyDir" in volumes["control"]
+    assert volumes["tls"]["secret"]["secretName"] == "atlax-relay-tls"
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     service = docs[("Service", "atlax")]
@@ -112,28 +118,63 @@ def test_default_render_is_hardened() -> None:
         service["spec"]["type"] == "LoadBalancer"
         and service["spec"]["externalTrafficPolicy"] == "Local"
     )
+    # The Services pick the relay pods only, never a controller.
+    relay_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    controller_labels = controller["spec"]["template"]["metadata"]["labels"]
+    for name in ("atlax", "atlax-metrics"):
+        selector = docs[("Service", name)]["spec"]["selector"]
+        assert selector.items() <= relay_labels.items()
+        assert not selector.items() <= controller_labels.items()
     assert ("ServiceMonitor", "atlax") not in docs
-    rules = docs[("Role", "atlax")]["rules"]
-    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
-    assert next(r for r in rules if r["resources"] == ["services"])["resourceNames"] == ["atlax"]
     assert not any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for d in docs.values())
-    # Secrets: only the CA and the relay certificate may be read; agents' are written, never read.
-    for rule in (r for r in rules if "secrets" in r["resources"]):
-        if {"get", "list", "watch"} & set(rule["verbs"]):
-            assert set(rule["resourceNames"]) == {"atlax-ca", "atlax-relay-tls"}, rule
-        assert "delete" not in rule["verbs"] and "list" not in rule["verbs"], rule
-    # The relay container faces the internet: no ServiceAccount token in it.
-    assert pod["automountServiceAccountToken"] is False
-    assert docs[("ServiceAccount", "atlax")]["automountServiceAccountToken"] is False
+    # The relay container faces the internet: no ServiceAccount token in it; the sync beside it
+    # and the controller mount one.
     token_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
     mounts = {c["name"]: {m["mountPath"] for m in c["volumeMounts"]} for c in pod["containers"]}
-    mounts["certificates"] = {m["mountPath"] for m in pod["initContainers"][0]["volumeMounts"]}
-    assert token_dir not in mounts["relay"]
-    assert token_dir in mounts["operator"] and token_dir in mounts["certificates"]
+    assert token_dir not in mounts["relay"] and token_dir in mounts["sync"]
+    assert token_dir in {m["mountPath"] for m in controller_pod["containers"][0]["volumeMounts"]}
+    assert pod["serviceAccountName"] == "atlax-sync"
+    assert controller_pod["serviceAccountName"] == "atlax-controller"
     sources = volumes["kube-api-access"]["projected"]["sources"]
     assert any("serviceAccountToken" in source for source in sources)
     # Every namespaced object names its namespace (kubectl apply -f of the rendered file).
     assert all(d["metadata"].get("namespace") == "atlax" for d in docs.values())
+
+
+def test_the_default_render_rolls_relays_without_a_gap() -> None:
+    """Two relay pods of two workers; a rollout surges one pod and removes an old one only once
+    the new one is ready; a stopping pod keeps serving for the preStop delay (the load balancer
+    stops sending it connections), then drains, within its termination grace; a PDB and a
+    topology spread; two controllers, one leading."""
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render()}
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    deployment = docs[("Deployment", "atlax")]
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    pod = spec["template"]["spec"]
+    relay = next(c for c in pod["containers"] if c["name"] == "relay")
+    assert "--workers=2" in relay["args"]
+    delay, drain = values["relay"]["preStopDelay"], values["relay"]["drainTimeout"]
+    assert relay["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(delay)]
+    assert pod["terminationGracePeriodSeconds"] == delay + drain + 5
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    pdb = docs[("PodDisruptionBudget", "atlax")]["spec"]
+    assert pdb["maxUnavailable"] == 1 and pdb["selector"] == spec["selector"]
+    sync = next(c for c in pod["containers"] if c["name"] == "sync")
+    assert sync["args"][:2] == ["operator", "sync"]
+    assert "--pod-name=$(POD_NAME)" in sync["args"]
+    controller = docs[("Deployment", "atlax-controller")]["spec"]
+    assert controller["replicas"] == 2
+    args = controller["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["operator", "controller"]
+    assert "--lease-name=atlax-controller" in args and "--identity=$(POD_NAME)" in args
 
 
 def test_each_operator_role_has_a_least_privilege_role_of_its_own() -> None:
@@ -166,7 +207,8 @@ def test_custom_values_render() -> None:
     pod = docs[("Deployment", "atlax")]["spec"]["template"]["spec"]
     assert pod["containers"][0]["image"] == "registry.example.com/atlax:1.2.3"
     assert "sysctls" not in pod["securityContext"]
-    operator_args = next(c for c in pod["containers"] if c["name"] == "operator")["args"]
+    controller = docs[("Deployment", "atlax-controller")]["spec"]["template"]["spec"]
+    operator_args = controller["containers"][0]["args"]
     assert "--relay-address=relay.example.com:7443" in operator_args
     assert "--relay-san=203.0.113.10" in operator_args
     assert docs[("Service", "atlax")]["spec"]["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
@@ -181,9 +223,8 @@ def test_node_port_service_gives_agents_the_node_port() -> None:
             "service.type=NodePort", "service.agentNodePort=30443", "relay.publicAddress=192.0.2.10"
         )
     }
-    pod = docs[("Deployment", "atlax")]["spec"]["template"]["spec"]
-    for container in (pod["initContainers"][0], pod["containers"][1]):
-        assert "--relay-address=192.0.2.10:30443" in container["args"]
+    controller = docs[("Deployment", "atlax-controller")]["spec"]["template"]["spec"]
+    assert "--relay-address=192.0.2.10:30443" in controller["containers"][0]["args"]
     port = docs[("Service", "atlax")]["spec"]["ports"][0]
     assert (port["port"], port["nodePort"]) == (7443, 30443)
 
@@ -200,7 +241,13 @@ def test_node_port_service_gives_agents_the_node_port() -> None:
             "relay.publicAddress is required with service.type=NodePort",
         ),
         ("replicaCount=abc", "replicaCount: Invalid type"),
-        ("replicaCount=2", "replicaCount: Must be less than or equal to 1"),
+        ("replicaCount=101", "replicaCount: Must be less than or equal to 100"),
+        ("relay.workers=0", "relay.workers: Must be greater than or equal to 1"),
+        ("relay.preStopDelay=-1", "relay.preStopDelay: Must be greater than or equal to 0"),
+        ("controller.leaseDuration=0", "controller.leaseDuration: Must be greater than 0"),
+        ("sync.interval=0", "sync.interval: Must be greater than 0"),
+        ("podDisruptionBudget.maxUnavailable=0", "podDisruptionBudget.maxUnavailable"),
+        ("topologySpread.whenUnsatisfiable=Never", "topologySpread.whenUnsatisfiable"),
         ("relay.agentPort=70000", "relay.agentPort: Must be less than or equal to 65535"),
         ("service.externalTrafficPolicy=Sometimes", "service.externalTrafficPolicy"),
         ("metrics.serviceMonitor.enabled=maybe", "metrics.serviceMonitor.enabled: Invalid type"),
@@ -327,126 +374,65 @@ def chart_token(cp: ControlPlane, ns: str, account: str, path: Path) -> Path:
     return cp.kubeconfig_for_token(token, path, namespace=ns)
 
 
-def operator_process(
-    kubeconfig: Path, ns: str, sock: Path, relay_port: int, tmp_path: Path, *extra: str
-) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atlax.cli",
-            "operator",
-            "--namespace",
-            ns,
-            "--control-socket",
-            str(sock),
-            "--service-name",
-            "atlax",
-            "--relay-address",
-            f"127.0.0.1:{relay_port}",
-            "--relay-san",
-            "127.0.0.1",
-            "--relay-tls-dir",
-            str(tmp_path / "tls"),
-            "--status-interval",
-            "1",
-            *extra,
-        ],
-        stdout=(tmp_path / "operator.log").open("ab"),
-        stderr=subprocess.STDOUT,
-        env={"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin"},
-    )
-
-
-def stop(*procs: subprocess.Popen[Any]) -> None:
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 @pytest.mark.k8s
-def test_operator_works_with_only_the_charts_rbac(
+def test_the_operator_roles_work_with_only_the_charts_rbac(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:
-    """Create the chart's ServiceAccount, Role, RoleBinding and Service, then run the operator
-    with that ServiceAccount's token, first as the pod's certificate step, then in full, then
-    restarted: it must do its whole job without a Forbidden, and without reading any agent's
-    Secret (which that token may not)."""
-    cp, ns = control_plane, "atlax-rbac"
-    cp.kubectl("apply", "-f", str(CHART / "crds" / "tunnelagents.yaml"))
-    cp.kubectl("create", "namespace", ns, check=False)
-    wanted = {"ServiceAccount", "Role", "RoleBinding", "Service"}
-    docs = [d for d in render(namespace=ns) if d["kind"] in wanted]
-    cp.kubectl("apply", "-n", ns, "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs))
-    kubeconfig = chart_token(cp, ns, "atlax", tmp_path / "sa-kubeconfig")
-    port, relay_port = free_port(), free_port()
-    sock = tmp_path / "run" / "control.sock"
+    """The chart's ServiceAccounts, Roles and RoleBindings; a controller and a relay pod (relay
+    and sync sidecar), each process with its role's token (tests/pods.py): a TunnelAgent gets
+    its certificate, its port on the Service and at the relay without a Forbidden. A controller
+    started afresh reads no agent's Secret back (it may not): the certificate stays."""
+    from pods import Controller, Kubelet, Namespace, RelayPod, port_open, tunnel_agent
 
-    # The init container: CA and relay certificate, then exit.
-    step = operator_process(kubeconfig, ns, sock, relay_port, tmp_path, "--certificates-only")
-    assert step.wait(60) == 0, (tmp_path / "operator.log").read_text()
-    assert {p.name for p in (tmp_path / "tls").iterdir()} >= {"ca.crt", "relay.crt", "relay.key"}
+    ns = Namespace.create(control_plane, tmp_path)
+    agent_port, port = free_port(), free_port()
+    relay_address = f"127.0.0.1:{agent_port}"
+    controllers = [Controller(ns, "controller-a", relay_address)]
+    pod = RelayPod(ns, "relay-1", "127.0.0.1", agent_port)
 
-    config = pod_relay(tmp_path, relay_port, sock)
-    relay = start_relay_process(config, tmp_path / "relay.log")
-    operator = operator_process(kubeconfig, ns, sock, relay_port, tmp_path)
+    def ports_open() -> bool:
+        return bool(ns.condition("rbac-check", "PortsOpen").get("status") == "True")
+
     try:
-        agent = {
-            "apiVersion": "atlax.dev/v1alpha1",
-            "kind": "TunnelAgent",
-            "metadata": {"name": "rbac-check", "namespace": ns},
-            "spec": {"services": [{"name": "web", "port": port}]},
-        }
-        cp.kubectl("apply", "-f", "-", input=json.dumps(agent))
+        with Kubelet(ns, [pod]):
+            pod.start()
+            ns.apply(tunnel_agent("rbac-check", web=port))
+            wait_for(ports_open, 60, "PortsOpen under the chart's RBAC")
+            assert port_open("127.0.0.1", port)
+            secret = ns.get("secret", "atlax-agent-rbac-check")
+            assert base64.b64decode(secret["data"]["relay"]).decode() == relay_address
+            assert port in {p["port"] for p in ns.get("service", "atlax")["spec"]["ports"]}
+            events = [e["reason"] for e in ns.get("events")["items"]]
+            assert "CertificateIssued" in events
 
-        def ports_open() -> bool:
-            out = cp.kubectl("get", "tunnelagent", "rbac-check", "-n", ns, "-o", "json").stdout
-            conds = json.loads(out).get("status", {}).get("conditions", [])
-            return any(c["type"] == "PortsOpen" and c["status"] == "True" for c in conds)
+            controllers[0].process.stop()
+            controllers.append(Controller(ns, "controller-b", relay_address))
+            wait_for(lambda: ns.lease_holder() == "controller-b", 60, "controller-b to lead")
+            # It acts (a TunnelAgent created now is served), and it has seen the first one.
+            ns.apply(tunnel_agent("second", web=free_port()))
+            wait_for(
+                lambda: ns.condition("second", "PortsOpen").get("status") == "True",
+                60,
+                "controller-b to serve a new TunnelAgent",
+            )
+            assert ports_open()
+            again = ns.get("secret", "atlax-agent-rbac-check")
+            assert again["data"]["tls.crt"] == secret["data"]["tls.crt"]
 
-        wait_for(ports_open, 60, "PortsOpen under the chart's RBAC")
-        secret = json.loads(
-            cp.kubectl("get", "secret", "atlax-agent-rbac-check", "-n", ns, "-o", "json").stdout
-        )
-        assert base64.b64decode(secret["data"]["relay"]).decode() == f"127.0.0.1:{relay_port}"
-        service = json.loads(cp.kubectl("get", "service", "atlax", "-n", ns, "-o", "json").stdout)
-        assert port in {p["port"] for p in service["spec"]["ports"]}
-        events = cp.kubectl(
-            "get", "events", "-n", ns, "--field-selector", "involvedObject.name=rbac-check"
-        ).stdout
-        assert "CertificateIssued" in events
-
-        # Restarted, it resumes without reading the Secret back: the certificate stays.
-        stop(operator)
-        operator = operator_process(kubeconfig, ns, sock, relay_port, tmp_path)
-        wait_for(
-            lambda: (tmp_path / "operator.log").read_text().count("relay is up") >= 2, 60, "restart"
-        )
-        wait_for(ports_open, 60, "PortsOpen after the restart")
-        again = json.loads(
-            cp.kubectl("get", "secret", "atlax-agent-rbac-check", "-n", ns, "-o", "json").stdout
-        )
-        assert again["data"]["tls.crt"] == secret["data"]["tls.crt"]
-
-        cp.kubectl("delete", "tunnelagent", "rbac-check", "-n", ns, "--timeout=60s")
-        # The Secret goes with its owner (the garbage collector of a real cluster does that; this
-        # bare API server has none, so the owner reference is what is checked here).
-        owner = again["metadata"]["ownerReferences"][0]
-        assert (owner["kind"], owner["name"]) == ("TunnelAgent", "rbac-check")
-        assert port not in {
-            p["port"]
-            for p in json.loads(
-                cp.kubectl("get", "service", "atlax", "-n", ns, "-o", "json").stdout
-            )["spec"]["ports"]
-        }
+            control_plane.kubectl(
+                "delete", "tunnelagent", "rbac-check", "-n", ns.name, "--timeout=60s"
+            )
+            owner = again["metadata"]["ownerReferences"][0]
+            assert (owner["kind"], owner["name"]) == ("TunnelAgent", "rbac-check")
+            assert port not in {p["port"] for p in ns.get("service", "atlax")["spec"]["ports"]}
+            wait_for(lambda: not port_open("127.0.0.1", port), 30, "the port to close")
     finally:
-        stop(operator, relay)
-    text = (tmp_path / "operator.log").read_text()
-    assert "Forbidden" not in text and "403" not in text, text[-3000:]
+        processes = [c.process for c in controllers] + pod.processes()
+        for process in processes:
+            process.stop()
+        ns.cleanup()
+    text = "\n".join(p.text() for p in processes if not p.name.endswith("/relay"))
+    assert "Forbidden" not in text and "(403)" not in text, text[-3000:]
 
 
 @pytest.mark.k8s
@@ -454,8 +440,9 @@ def test_no_token_in_reach_of_the_relay_reads_a_secret(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:
     """The relay container holds no token (test_default_render_is_hardened): it reaches the API
-    as system:anonymous, which reads no Secret. The operator's own token reads the CA and the
-    relay certificate only: no agent's Secret, no other Secret, no listing."""
+    as system:anonymous, which reads no Secret. The sync sidecar's token (the same pod) reads no
+    Secret at all. The controller's token reads the CA and the relay certificate only: no
+    agent's Secret, no other Secret, no listing."""
     cp, ns = control_plane, "atlax-secrets"
     cp.kubectl("create", "namespace", ns, check=False)
     wanted = {"ServiceAccount", "Role", "RoleBinding"}
@@ -474,7 +461,8 @@ def test_no_token_in_reach_of_the_relay_reads_a_secret(
         except urllib.error.HTTPError as exc:
             return exc.code
 
-    operator = chart_token(cp, ns, "atlax", tmp_path / "operator")
+    operator = chart_token(cp, ns, "atlax-controller", tmp_path / "controller")
+    sync = chart_token(cp, ns, "atlax-sync", tmp_path / "sync")
 
     def get(kubeconfig: Path, *what: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -490,6 +478,9 @@ def test_no_token_in_reach_of_the_relay_reads_a_secret(
     for what in (["secret", "atlax-agent-home-nas"], ["secret", "unrelated"], ["secrets"]):
         result = get(operator, *what)
         assert result.returncode != 0 and "Forbidden" in result.stderr, result
+    for what in (["secret", "atlax-ca"], ["secret", "atlax-agent-home-nas"], ["secrets"]):
+        result = get(sync, *what)
+        assert result.returncode != 0 and "Forbidden" in result.stderr, result
 
 
 @pytest.mark.k8s
@@ -501,15 +492,20 @@ def test_the_documented_kubectl_apply_installs_into_namespace_atlax(
     cp = control_plane
     result = cp.kubectl("apply", "-f", str(ROOT / "manifests" / "atlax.yaml"), check=False)
     assert result.returncode == 0, result.stderr
-    for kind in ("serviceaccount", "role", "rolebinding", "configmap", "service", "deployment"):
-        assert cp.kubectl("get", kind, "atlax", "-n", "atlax", "-o", "name").stdout.strip()
-        assert cp.kubectl("get", kind, "atlax", "-n", "default", check=False).returncode != 0
-    binding = json.loads(
-        cp.kubectl("get", "rolebinding", "atlax", "-n", "atlax", "-o", "json").stdout
-    )
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "atlax", "namespace": "atlax"}
-    ]
+    objects = [("configmap", "atlax"), ("service", "atlax"), ("deployment", "atlax")]
+    objects += [("poddisruptionbudget", "atlax"), ("deployment", "atlax-controller")]
+    for role in ("atlax-controller", "atlax-sync"):
+        objects += [("serviceaccount", role), ("role", role), ("rolebinding", role)]
+    for kind, name in objects:
+        assert cp.kubectl("get", kind, name, "-n", "atlax", "-o", "name").stdout.strip()
+        assert cp.kubectl("get", kind, name, "-n", "default", check=False).returncode != 0
+    for role in ("atlax-controller", "atlax-sync"):
+        binding = json.loads(
+            cp.kubectl("get", "rolebinding", role, "-n", "atlax", "-o", "json").stdout
+        )
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": role, "namespace": "atlax"}
+        ]
 
 
 @pytest.mark.k8s

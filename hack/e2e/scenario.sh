@@ -13,8 +13,13 @@
 #
 # A function e2e_platform_checks, if defined, runs after the relay's checks (e.g. egress rules).
 #
-# Pieces meant for reuse (e.g. with several relay replicas): e2e_install VALUES..., e2e_home,
-# e2e_outage NAME COMMAND..., e2e_probe_start / e2e_probe_stop, e2e_relay_pod.
+# The chart runs E2E_REPLICAS relay pods (relay + sync sidecar) of E2E_WORKERS workers each, and
+# two controllers (one leads). Rollouts (helm upgrade, kubectl rollout restart, a deleted relay
+# pod, a deleted controller leader) happen under a steady hashed echo client through the NodePort:
+# zero failed, zero corrupted, outage 0 s.
+#
+# Pieces meant for reuse: e2e_install VALUES..., e2e_home, e2e_outage NAME COMMAND...,
+# e2e_probe_start / e2e_probe_stop, e2e_relay_pod.
 
 E2E_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 E2E_IMAGE=${E2E_IMAGE:-localhost/atlax}
@@ -25,6 +30,8 @@ E2E_NS=${E2E_NS:-atlax}
 E2E_HOME_NS=${E2E_HOME_NS:-home}
 E2E_AGENT=${E2E_AGENT:-home-nas}
 E2E_AGENT_NODE_PORT=${E2E_AGENT_NODE_PORT:-30443}
+E2E_REPLICAS=${E2E_REPLICAS:-2}
+E2E_WORKERS=${E2E_WORKERS:-1}
 HELM=${HELM:-helm}
 KUBECTL=${KUBECTL:-kubectl}
 PYTHON=${PYTHON:-python3}
@@ -69,11 +76,13 @@ e2e_diagnose() {
     echo "--- tunnelagents"
     kc get tunnelagents -n "$E2E_NS" -o yaml 2>/dev/null | tail -60
     local pod
-    pod=$(e2e_relay_pod 2>/dev/null) || true
-    if [ -n "$pod" ]; then
-        echo "--- relay log"; kc logs -n "$E2E_NS" "$pod" -c relay --tail=40
-        echo "--- operator log"; kc logs -n "$E2E_NS" "$pod" -c operator --tail=60
-    fi
+    for pod in $(e2e_relay_pods 2>/dev/null); do
+        echo "--- relay log ($pod)"; kc logs -n "$E2E_NS" "$pod" -c relay --tail=30
+        echo "--- sync log ($pod)"; kc logs -n "$E2E_NS" "$pod" -c sync --tail=30
+    done
+    for pod in $(kc get pods -n "$E2E_NS" -l app.kubernetes.io/component=controller -o name 2>/dev/null); do
+        echo "--- controller log ($pod)"; kc logs -n "$E2E_NS" "$pod" --tail=40
+    done
     echo "--- agent log"; kc logs -n "$E2E_HOME_NS" deploy/agent --tail=30 2>/dev/null
 }
 
@@ -88,25 +97,42 @@ retry() {
     done
 }
 
-e2e_relay_pod() {  # the name of a running relay pod that is not being deleted
-    kc get pods -n "$E2E_NS" -l app.kubernetes.io/name=atlax --field-selector=status.phase=Running \
+e2e_relay_pods() {  # the names of the running relay pods that are not being deleted
+    kc get pods -n "$E2E_NS" -l app.kubernetes.io/component=relay --field-selector=status.phase=Running \
         -o jsonpath='{range .items[*]}{.metadata.name} {.metadata.deletionTimestamp}{"\n"}{end}' \
-        | awk 'NF == 1 { print $1; exit }'
+        | awk 'NF == 1 { print $1 }'
+}
+
+e2e_relay_pod() {  # the name of one running relay pod that is not being deleted
+    e2e_relay_pods | head -1
+}
+
+e2e_leader() {  # the controller pod holding the election Lease
+    kc get lease atlax-controller -n "$E2E_NS" -o jsonpath='{.spec.holderIdentity}'
 }
 
 node_port() {  # node_port PORT: the NodePort of the relay Service's port PORT
     kc get service atlax -n "$E2E_NS" -o jsonpath="{.spec.ports[?(@.port==$1)].nodePort}"
 }
 
-new_relay_pod() {  # new_relay_pod OLD: a running relay pod other than OLD exists
-    local pod
-    pod=$(e2e_relay_pod)
-    [ -n "$pod" ] && [ "$pod" != "$1" ]
+only_new_relay_pods() {  # only_new_relay_pods OLD...: E2E_REPLICAS relay pods, none of OLD, none terminating
+    local pods pod old
+    pods=$(kc get pods -n "$E2E_NS" -l app.kubernetes.io/component=relay -o name | sed 's|^pod/||')
+    [ "$(echo "$pods" | grep -c .)" = "$E2E_REPLICAS" ] || return 1
+    for old in "$@"; do
+        for pod in $pods; do [ "$pod" != "$old" ] || return 1; done
+    done
+}
+
+new_leader() {  # new_leader OLD: a controller other than OLD holds the Lease
+    local leader
+    leader=$(e2e_leader)
+    [ -n "$leader" ] && [ "$leader" != "$1" ]
 }
 
 port_closed() { ! timeout 3 bash -c "echo > /dev/tcp/$E2E_NODE_IP/$1" 2>/dev/null; }
 gone() { ! kc get "$@" >/dev/null 2>&1; }
-operator_started() { kc logs -n "$E2E_NS" "$1" -c operator | grep -q 'relay is up'; }
+sync_started() { kc logs -n "$E2E_NS" "$1" -c sync | grep -q 'told the relay: '; }
 agent_refused() { kc logs -n "$E2E_HOME_NS" deploy/agent --since=2m | grep -E 'UNAUTHORIZED|not configured|refused'; }
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -134,12 +160,13 @@ e2e_values() {  # the chart values of this scenario (+ extra --set VALUE argumen
     E2E_VALUES=(--set "image.repository=$E2E_IMAGE" --set "image.tag=$E2E_TAG"
         --set "image.pullPolicy=$E2E_PULL_POLICY" --set service.type=NodePort
         --set "service.agentNodePort=$E2E_AGENT_NODE_PORT" --set "relay.publicAddress=$E2E_NODE_IP"
-        --set operator.statusInterval=2)
+        --set controller.statusInterval=2 --set "replicaCount=$E2E_REPLICAS"
+        --set "relay.workers=$E2E_WORKERS")
     local v
     for v in "$@"; do E2E_VALUES+=(--set "$v"); done
 }
 
-e2e_install() {  # e2e_install [VALUE...]: helm install, and wait until the pod is Ready
+e2e_install() {  # e2e_install [VALUE...]: helm install, and wait until the pods are Ready
     local t0
     e2e_values "$@"
     t0=$(e2e_now)
@@ -151,17 +178,27 @@ e2e_install() {  # e2e_install [VALUE...]: helm install, and wait until the pod 
     grep -q "Agents dial $E2E_NODE_IP:$E2E_AGENT_NODE_PORT " "$E2E_TMP/notes"
 }
 
-e2e_clean_start() {  # the pod's first start: no ERROR from the operator, no failed probe
+e2e_clean_start() {  # the pods' first start: no ERROR from a sync or controller, no failed probe
     local pod
-    pod=$(e2e_relay_pod)
-    retry 30 "the operator to see the relay" operator_started "$pod"
-    if kc logs -n "$E2E_NS" "$pod" -c operator | grep -E ' ERROR |Traceback'; then
-        echo "e2e: the operator logged errors at start (above)" >&2
-        return 1
-    fi
-    if kc get events -n "$E2E_NS" --field-selector "involvedObject.name=$pod,reason=Unhealthy" \
-        -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' | grep .; then
-        echo "e2e: a probe failed while the pod started (above)" >&2
+    [ "$(e2e_relay_pods | grep -c .)" = "$E2E_REPLICAS" ] || return 1
+    retry 60 "a controller to lead" e2e_leader
+    e2e_say "controller leading: $(e2e_leader)"
+    for pod in $(e2e_relay_pods); do
+        retry 30 "the sync of $pod to see its relay" sync_started "$pod"
+        if kc logs -n "$E2E_NS" "$pod" -c sync | grep -E ' ERROR |Traceback'; then
+            echo "e2e: the sync of $pod logged errors at start (above)" >&2
+            return 1
+        fi
+        # Readiness is tied to applied state: /readyz says 503 until the sync gave the relay its
+        # TunnelAgents (a second or two). Startup and liveness probes never fail.
+        if kc get events -n "$E2E_NS" --field-selector "involvedObject.name=$pod,reason=Unhealthy" \
+            -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' | grep -v '^Readiness probe failed' | grep .; then
+            echo "e2e: a probe failed while $pod started (above)" >&2
+            return 1
+        fi
+    done
+    if kc logs -n "$E2E_NS" "$(e2e_leader)" | grep -E ' ERROR |Traceback'; then
+        echo "e2e: the controller logged errors at start (above)" >&2
         return 1
     fi
 }
@@ -192,13 +229,17 @@ print(json.dumps({"apiVersion": "v1", "kind": "Secret", "type": s["type"], "data
     kc rollout status -n "$E2E_HOME_NS" deployment/agent --timeout=90s
 }
 
-e2e_connected() {  # the TunnelAgent turns Ready and Connected
+all_connected() {  # the CONNECTED column says N/N, N = every relay instance
+    kc get tunnelagents -n "$E2E_NS" | awk -v n="$E2E_AGENT" -v want="$1/$1" \
+        '$1 == n && $2 == "True" && $3 == want { ok = 1 } END { exit !ok }'
+}
+
+e2e_connected() {  # the TunnelAgent turns Ready and Connected to every relay instance
+    local instances=$((E2E_REPLICAS * E2E_WORKERS))
     kc wait -n "$E2E_NS" "tunnelagent/$E2E_AGENT" --for=condition=Ready --timeout=90s
     kc wait -n "$E2E_NS" "tunnelagent/$E2E_AGENT" --for=jsonpath='{.status.connected}'=true --timeout=30s
-    local table
-    table=$(kc get tunnelagents -n "$E2E_NS")
-    echo "$table"
-    echo "$table" | awk -v n="$E2E_AGENT" '$1 == n && $2 == "True" && $3 == "1/1" { ok = 1 } END { exit !ok }'
+    retry 60 "CONNECTED $instances/$instances" all_connected "$instances"
+    kc get tunnelagents -n "$E2E_NS"
 }
 
 e2e_traffic() {  # 16 MiB hashed through port 445, 100 requests through 8080, curl as a user would
@@ -255,8 +296,11 @@ except urllib.error.HTTPError as exc:
     print(exc.code)')
     e2e_say "GET secret atlax-ca from the relay container: HTTP $out"
     [ "$out" = 401 ] || [ "$out" = 403 ] || return 1
-    # The operator's own token may read the CA but no agent's Secret (and no other Secret).
-    local sa="system:serviceaccount:$E2E_NS:atlax"
+    # The sync sidecar's token (same pod) reads no Secret at all; the controller's may read the CA
+    # but no agent's Secret (and no other Secret).
+    local sync="system:serviceaccount:$E2E_NS:atlax-sync" sa="system:serviceaccount:$E2E_NS:atlax-controller"
+    [ "$(kc auth can-i get secret/atlax-ca -n "$E2E_NS" --as="$sync")" = no ] || return 1
+    [ "$(kc auth can-i get secret/atlax-relay-tls -n "$E2E_NS" --as="$sync")" = no ] || return 1
     [ "$(kc auth can-i get secret/atlax-ca -n "$E2E_NS" --as="$sa")" = yes ] || return 1
     [ "$(kc auth can-i get "secret/atlax-agent-$E2E_AGENT" -n "$E2E_NS" --as="$sa")" = no ] || return 1
     [ "$(kc auth can-i list secrets -n "$E2E_NS" --as="$sa")" = no ] || return 1
@@ -265,7 +309,7 @@ except urllib.error.HTTPError as exc:
 E2E_PROBE_PID=""
 e2e_probe_start() {  # a steady echo client through port 445 (hashed payloads, 5 per second)
     rm -f "$E2E_TMP/probe.stop" "$E2E_TMP/probe.json"
-    traffic probe "$E2E_NODE_IP" "$(node_port 445)" --interval 0.2 \
+    traffic probe "$E2E_NODE_IP" "$(node_port 445)" --interval 0.2 --timeout 10 \
         --status "$E2E_TMP/probe.json" --stop "$E2E_TMP/probe.stop" > "$E2E_TMP/probe.out" &
     E2E_PROBE_PID=$!
     retry 30 "the probe's first good exchange" grep -q '"successes_in_a_row": [1-9]' "$E2E_TMP/probe.json"
@@ -278,49 +322,70 @@ e2e_probe_stop() {
     cat "$E2E_TMP/probe.out"
 }
 
-# e2e_outage NAME COMMAND...: probe traffic, disrupt it with COMMAND, wait until it flows again,
-# print the outage (first failed exchange to the next good one).
+# e2e_outage NAME COMMAND...: the probe's steady traffic while COMMAND disrupts the relays (it
+# returns once the disruption is over), then 10 more good exchanges: print the connections
+# attempted, failed and corrupted and the outage (first failed exchange to the next good one).
+# Nothing may be corrupted.
 e2e_outage() {
     local name=$1 out
     shift
     e2e_probe_start
     "$@" || { e2e_probe_stop; return 1; }
-    out=$(traffic await "$E2E_TMP/probe.json" --timeout 180 --successes 10) || { e2e_probe_stop; return 1; }
+    out=$(traffic settle "$E2E_TMP/probe.json" --timeout 120 --successes 10) || { e2e_probe_stop; return 1; }
     e2e_probe_stop >/dev/null
     e2e_say "$name: $out"
-    E2E_TIMINGS+=("$(printf '%-52s %6ss' "  outage: $name" "$(echo "$out" | awk '{print $2}' | tr -d 's,')")")
-    # The operator saw the new relay, pushed the agent's ports again, and the agent is back.
-    kc wait -n "$E2E_NS" "tunnelagent/$E2E_AGENT" --for=jsonpath='{.status.connected}'=true --timeout=60s
+    E2E_TIMINGS+=("$(printf '%-52s %6ss' "  outage: $name" "$(echo "$out" | sed -n 's/.*outage \([0-9.]*\)s.*/\1/p')")")
+    echo "$out" | grep -q ' 0 corrupted' || { echo "e2e: $name: corrupted echoes" >&2; return 1; }
+    # Every relay instance holds the agent's tunnel again.
+    retry 60 "CONNECTED on every relay instance" all_connected $((E2E_REPLICAS * E2E_WORKERS))
 }
 
 relay_cert_fingerprint() {
     kc exec -n "$E2E_NS" "$(e2e_relay_pod)" -c relay -- python3 -c '
 import hashlib, ssl
-print(hashlib.sha256(ssl.PEM_cert_to_DER_cert(open("/run/atlax/tls/relay.crt").read())).hexdigest()[:16])'
+print(hashlib.sha256(ssl.PEM_cert_to_DER_cert(open("/run/atlax/tls/tls.crt").read())).hexdigest()[:16])'
 }
 
-e2e_upgrade() {  # helm upgrade with a changed value replaces the relay pod
+e2e_upgrade() {  # helm upgrade with a changed value rolls the relay pods, one at a time
     local before
-    before=$(e2e_relay_pod)
+    before=$(e2e_relay_pods)
     e2e_values relay.keepaliveInterval=5
     "$HELM" upgrade atlax "$E2E_ROOT/charts/atlax" -n "$E2E_NS" "${E2E_VALUES[@]}" --wait --timeout 180s >/dev/null
-    retry 60 "a new relay pod" new_relay_pod "$before"
+    # shellcheck disable=SC2086
+    retry 120 "only new relay pods" only_new_relay_pods $before
 }
 
 E2E_CERT_BEFORE=""
-e2e_delete_relay_pod() {
-    local before
-    before=$(e2e_relay_pod)
+E2E_FAILOVER=""
+e2e_rollout() {  # kubectl rollout restart of the relays; meanwhile the controller leader is deleted
+    local before leader t0
+    before=$(e2e_relay_pods)
     E2E_CERT_BEFORE=$(relay_cert_fingerprint)
-    kc delete pod -n "$E2E_NS" "$before" --wait=false >/dev/null
-    retry 90 "a new relay pod" new_relay_pod "$before"
+    leader=$(e2e_leader)
+    kc rollout restart deployment/atlax -n "$E2E_NS" >/dev/null
+    t0=$(e2e_now)
+    kc delete pod -n "$E2E_NS" "$leader" --wait=false >/dev/null
+    retry 60 "another controller to lead" new_leader "$leader"
+    E2E_FAILOVER=$(e2e_since "$t0")
+    e2e_say "controller leader $leader deleted: $(e2e_leader) leads after ${E2E_FAILOVER}s"
+    kc rollout status deployment/atlax -n "$E2E_NS" --timeout=180s >/dev/null
+    # shellcheck disable=SC2086
+    retry 120 "only new relay pods" only_new_relay_pods $before
 }
 
-e2e_relay_certificate_kept() {
+e2e_delete_relay_pod() {  # one relay pod deleted: the other serves while a new one starts
+    local before
+    before=$(e2e_relay_pod)
+    kc delete pod -n "$E2E_NS" "$before" --wait=false >/dev/null
+    retry 120 "a new relay pod in place of $before" only_new_relay_pods "$before"
+    kc rollout status deployment/atlax -n "$E2E_NS" --timeout=120s >/dev/null
+}
+
+e2e_relay_certificate_kept() {  # the new pods mount the same Secret
     local after
     after=$(relay_cert_fingerprint)
     if [ "$after" = "$E2E_CERT_BEFORE" ]; then
-        e2e_say "the new relay pod reuses the relay certificate (sha256 $after...) from Secret atlax-relay-tls"
+        e2e_say "the new relay pods use the relay certificate (sha256 $after...) from Secret atlax-relay-tls"
     else
         e2e_say "the new relay pod has a new relay certificate ($E2E_CERT_BEFORE... -> $after...)"
     fi
@@ -356,7 +421,7 @@ nothing_left() {
 e2e_all() {
     e2e_step "clean slate" e2e_reset
     e2e_step "helm install (NodePort, local images)" e2e_install
-    e2e_step "operator and probes start cleanly" e2e_clean_start
+    e2e_step "controllers, syncs and probes start cleanly" e2e_clean_start
     e2e_step "TunnelAgent $E2E_AGENT and its Secret" e2e_tunnel_agent
     e2e_step "agent pod and service in namespace $E2E_HOME_NS" e2e_home
     e2e_step "TunnelAgent Ready and Connected" e2e_connected
@@ -364,11 +429,13 @@ e2e_all() {
     e2e_step "relay: uid 10001, read-only root, port 445" e2e_relay_hardening
     e2e_step "relay: no ServiceAccount token, CA refused" e2e_relay_has_no_token
     if declare -F e2e_platform_checks >/dev/null; then e2e_platform_checks; fi
-    e2e_step "helm upgrade replaces the relay pod" e2e_outage "helm upgrade" e2e_upgrade
-    e2e_step "traffic after helm upgrade" e2e_traffic
-    e2e_step "kubectl delete pod of the relay" e2e_outage "kubectl delete pod" e2e_delete_relay_pod
-    e2e_step "relay certificate after the new pod" e2e_relay_certificate_kept
-    e2e_step "traffic after the new pod" e2e_traffic
+    e2e_step "helm upgrade rolls the relay pods" e2e_outage "helm upgrade" e2e_upgrade
+    e2e_step "rollout restart + controller leader deleted" \
+        e2e_outage "rollout restart, leader deleted" e2e_rollout
+    E2E_TIMINGS+=("$(printf '%-52s %6ss' "  controller leader failover" "$E2E_FAILOVER")")
+    e2e_step "relay certificate after the rollout" e2e_relay_certificate_kept
+    e2e_step "kubectl delete pod of a relay" e2e_outage "kubectl delete pod" e2e_delete_relay_pod
+    e2e_step "traffic after the new pods" e2e_traffic
     e2e_step "kubectl delete tunnelagent" e2e_delete_tunnel_agent
     e2e_step "helm uninstall, namespace deleted" e2e_uninstall
     kc delete namespace "$E2E_HOME_NS" --wait=false >/dev/null

@@ -8,6 +8,9 @@
                                                       writes its counts and outages to the status file
     traffic.py await F --timeout S                    wait until the probe saw an outage and then
                                                       --successes exchanges in a row
+    traffic.py settle F --timeout S                   wait for --successes more exchanges in a row
+                                                      (outage or not); print attempted, failed,
+                                                      corrupted and the longest outage
 
 Every exchange is bounded by timeouts; every command ends by itself. Failures are one line on
 stderr and exit status 1.
@@ -31,13 +34,16 @@ class TrafficError(Exception):
     pass
 
 
+class CorruptedError(TrafficError):
+    """Bytes came back that were not the ones sent (not merely fewer of them)."""
+
+
 def echo(host: str, port: int, payload: bytes, timeout: float) -> float:
     """Send payload, half-close, read the echo to EOF; return seconds taken. Raises on mismatch."""
     started = time.monotonic()
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.settimeout(timeout)
-        received = hashlib.sha256()
-        count = 0
+        received = bytearray()
         errors: list[BaseException] = []
 
         def send() -> None:
@@ -53,13 +59,15 @@ def echo(host: str, port: int, payload: bytes, timeout: float) -> float:
         sender.start()
         try:
             while chunk := sock.recv(262144):
-                received.update(chunk)
-                count += len(chunk)
+                received += chunk
         finally:
             sender.join(timeout)
         if errors:
             raise TrafficError(f"sending failed: {errors[0]}")
-    if count != len(payload) or received.digest() != hashlib.sha256(payload).digest():
+    if hashlib.sha256(received).digest() != hashlib.sha256(payload).digest():
+        count = len(received)
+        if received != payload[:count]:
+            raise CorruptedError(f"echo corrupted: sent {len(payload)} bytes, {count} came back differing")
         raise TrafficError(f"echo differs: sent {len(payload)} bytes, got {count} bytes back")
     return time.monotonic() - started
 
@@ -103,6 +111,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
     state: dict[str, object] = {
         "attempts": 0,
         "failures": 0,
+        "corrupted": 0,
         "successes_in_a_row": 0,
         "outages": [],  # seconds from the first failed exchange to the next good one
         "last_error": None,
@@ -113,7 +122,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
         try:
             echo(args.host, args.port, os.urandom(args.size), args.timeout)
         except (OSError, TrafficError) as exc:
-            state["failures"] = int(state["failures"]) + 1  # type: ignore[call-overload]
+            key = "corrupted" if isinstance(exc, CorruptedError) else "failures"
+            state[key] = int(state[key]) + 1  # type: ignore[call-overload]
             state["successes_in_a_row"] = 0
             state["last_error"] = str(exc) or type(exc).__name__
             if outage_started is None:
@@ -147,6 +157,30 @@ def cmd_await(args: argparse.Namespace) -> None:
     raise TrafficError(f"traffic did not resume within {args.timeout:g}s: {json.dumps(state)}")
 
 
+def cmd_settle(args: argparse.Namespace) -> None:
+    deadline = time.monotonic() + args.timeout
+    state: dict[str, object] = {}
+    start: int | None = None
+    while time.monotonic() < deadline:
+        try:
+            state = json.loads(Path(args.status).read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state:
+            attempts = int(state["attempts"])  # type: ignore[call-overload]
+            start = attempts if start is None else start
+            in_a_row = int(state["successes_in_a_row"])  # type: ignore[call-overload]
+            if attempts - start >= args.successes and in_a_row >= args.successes:
+                outages = state.get("outages") or [0.0]
+                print(
+                    f"{state['attempts']} connections attempted, {state['failures']} failed, "
+                    f"{state['corrupted']} corrupted; outage {max(outages):.1f}s"  # type: ignore[type-var]
+                )
+                return
+        time.sleep(0.2)
+    raise TrafficError(f"traffic did not flow again within {args.timeout:g}s: {json.dumps(state)}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +206,11 @@ def main() -> int:
     a.add_argument("--timeout", type=float, default=120.0)
     a.add_argument("--successes", type=int, default=10)
     a.set_defaults(func=cmd_await)
+    t = sub.add_parser("settle")
+    t.add_argument("status")
+    t.add_argument("--timeout", type=float, default=120.0)
+    t.add_argument("--successes", type=int, default=10)
+    t.set_defaults(func=cmd_settle)
     args = parser.parse_args()
     try:
         args.func(args)

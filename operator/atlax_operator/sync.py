@@ -303,6 +303,11 @@ class RelaySync:
         if memory.told != desired.replicas:
             memory.instances = await tell_cluster_size(relay, desired.replicas)
             memory.told = desired.replicas
+            log.info(
+                "told the relay: %d ready relay pod(s); it runs %d instance(s)",
+                desired.replicas,
+                memory.instances,
+            )
         if revoked or pushed:
             listing = await relay.agents()
         agents = {a["name"]: _agent_report(a) for a in listing.get("agents", [])}
@@ -314,8 +319,7 @@ class RelaySync:
     def _relay_process(self, relay_id: str) -> _RelayMemory:
         """What was done to this relay process; nothing if it is a new one (it restarted)."""
         if relay_id != self._memory.relay_id:
-            if self._memory.relay_id is not None or self._relay_error is not None:
-                log.info("relay %s is up: giving it the desired state", relay_id)
+            log.info("relay %s is up: giving it the desired state", relay_id)
             self._memory = _RelayMemory(relay_id)
         self._relay_error = None
         return self._memory
