@@ -3,11 +3,13 @@
 tests/controlplane.py runs no kubelet and no controller-manager, so what they would do for the
 high-availability tests is done here, in the plainest way:
 - a relay pod is `atlax relay` and `atlax operator sync` on its own loopback address (127.0.0.2,
-  .3, .4: an IP per pod, as a pod network gives), sharing a directory for the control socket;
+  .3, .4, .5: an IP per pod, as a pod network gives, with the same port numbers on each), sharing a
+  directory for the control socket;
 - its certificate comes from Secret atlax-relay-tls, copied into the pod's `tls/` directory the
   way the kubelet projects a mounted Secret (and again when it changes);
-- the Service's EndpointSlice lists the relay pods whose /readyz answers 200 (the endpointslice
-  controller's job, from the kubelet's readiness probes);
+- the Service's EndpointSlice lists the relay pods whose /readyz answers 200 and that are not
+  terminating (the endpointslice controller's job, from the kubelet's readiness probes);
+- the load balancer in front of them is HAProxy (atlax/bench/haproxy.py), health-checking /readyz;
 - a controller pod is `atlax operator controller`;
 - every process authenticates with a token of its role's ServiceAccount, bound to the Role the
   chart renders for it: whatever the chart forgets to allow fails here.
@@ -177,12 +179,15 @@ class Controller:
 class RelayPod:
     """`atlax relay` + `atlax operator sync` on 127.0.0.N, with the relay's Secret projected."""
 
-    def __init__(self, ns: Namespace, name: str, ip: str, agent_port: int) -> None:
+    def __init__(
+        self, ns: Namespace, name: str, ip: str, agent_port: int, metrics_port: int | None = None
+    ) -> None:
         self.ns = ns
         self.name = name
         self.ip = ip
         self.agent_port = agent_port
-        self.metrics_port = free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.terminating = False  # deleted: out of the EndpointSlice at once, as in Kubernetes
         self.dir = ns.dir / name
         (self.dir / "tls").mkdir(parents=True, exist_ok=True)
         self.socket = self.dir / "run" / "control.sock"
@@ -254,9 +259,10 @@ class Kubelet:
     """Keeps the relay pods' Secret files current and the Service's EndpointSlice equal to the
     pods that pass their readiness probe, every half second, in a thread."""
 
-    def __init__(self, ns: Namespace, pods: list[RelayPod]) -> None:
+    def __init__(self, ns: Namespace, pods: list[RelayPod], agent_port: int | None = None) -> None:
         self.ns = ns
-        self.pods = pods
+        self.pods = pods  # the test adds and removes pods in this list as it starts and stops them
+        self.agent_port = agent_port or pods[0].agent_port
         self._stop = threading.Event()
         self._ready: list[str] | None = None
         self._thread = threading.Thread(target=self._run, name="kubelet", daemon=True)
@@ -271,16 +277,16 @@ class Kubelet:
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
-            started = [p for p in self.pods if p.relay is not None and p.relay.alive()]
+            started = [p for p in list(self.pods) if p.relay is not None and p.relay.alive()]
             for pod in started:
                 pod.project_tls()
-            ready = sorted(p.name for p in started if p.ready())
+            ready = sorted(p.name for p in started if not p.terminating and p.ready())
             if ready != self._ready:
-                self._publish([p for p in self.pods if p.name in ready])
+                self._publish([p for p in list(self.pods) if p.name in ready])
                 self._ready = ready
 
     def _publish(self, ready: list[RelayPod]) -> None:
-        port = self.pods[0].agent_port
+        port = self.agent_port
         endpoint_slice = {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
@@ -292,7 +298,9 @@ class Kubelet:
             "addressType": "IPv4",
             "endpoints": [
                 {
-                    "addresses": [p.ip],
+                    # The API server refuses loopback addresses in an EndpointSlice: a stand-in
+                    # pod-network address (only the pod name in targetRef is read).
+                    "addresses": [f"10.244.0.{p.ip.rsplit('.', 1)[1]}"],
                     "conditions": {"ready": True},
                     "targetRef": {"kind": "Pod", "name": p.name, "namespace": self.ns.name},
                 }
@@ -300,7 +308,7 @@ class Kubelet:
             ],
             "ports": [{"name": "agent", "port": port, "protocol": "TCP"}],
         }
-        self.ns.cp.kubectl("apply", "-f", "-", input=json.dumps(endpoint_slice), check=False)
+        self.ns.cp.kubectl("apply", "-f", "-", input=json.dumps(endpoint_slice))
 
 
 class Partition:

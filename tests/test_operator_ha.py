@@ -1,23 +1,24 @@
 """The operator's two roles on a real API server: leader-elected controllers and a sync sidecar per
-relay pod, each process under its own role's ServiceAccount token (tests/pods.py).
-
-Until agents keep a tunnel to every relay instance (issue 14), a pool agent is played by one
-`Agent` per relay pod, all with the certificate of the same TunnelAgent.
+relay pod, each process under its own role's ServiceAccount token (tests/pods.py), the relay pods
+behind a real HAProxy (the Service's load balancer), and a pool agent with its Secret's four keys
+dialling the load balancer like any agent.
 """
 
 from __future__ import annotations
 
+import itertools
 import signal
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 import pytest
 from conftest import echo_handler, free_port, running_agent, tcp_service, wait_for, wait_until
 from controlplane import ControlPlane
+from haproxy import FRONTEND_HOST, Frontend, HAProxy, Server, shared_port
 from pods import (
     LEASE_DURATION,
     RENEW_DEADLINE,
@@ -34,24 +35,40 @@ from pods import (
 )
 
 from atlax.agent import Agent
+from atlax.bench.cluster import RolloutResult, client_at_rate
 from atlax.config import AgentSettings, HostPort
 
-IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+# Three relay pods and a fourth address for the pod a rollout surges.
+HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+PRE_STOP = 1.0  # the chart's preStop delay, scaled down: the load balancer has let go by then
+
+
+def slot(ip: str) -> str:
+    return f"s{ip.rsplit('.', 1)[1]}"
 
 
 @dataclass
 class HA:
     ns: Namespace
     agent_port: int
+    web_port: int  # a public port with a frontend on the load balancer
+    metrics_port: int
     controllers: list[Controller]
-    pods: list[RelayPod]
+    pods: list[RelayPod]  # live relay pods (the Kubelet watches this list)
+    lb: HAProxy
+    stopped: list[RelayPod] = field(default_factory=list)
+    started: int = 0
+
+    @property
+    def relay_address(self) -> str:
+        return f"{FRONTEND_HOST}:{self.agent_port}"
 
     def controller(self, identity: str) -> Controller:
         return next(c for c in self.controllers if c.identity == identity)
 
     def processes(self) -> list[Process]:
         return [c.process for c in self.controllers] + [
-            p for pod in self.pods for p in pod.processes()
+            p for pod in [*self.stopped, *self.pods] for p in pod.processes()
         ]
 
     def leader(self, timeout: float = 60) -> Controller:
@@ -64,45 +81,84 @@ class HA:
     def closed_everywhere(self, port: int) -> bool:
         return not any(port_open(pod.ip, port) for pod in self.pods)
 
-    def agent_settings(self, name: str, pod: RelayPod) -> AgentSettings:
-        """The agent's files from its Secret (all four keys), dialling `pod` directly."""
+    def start_pod(self) -> RelayPod:
+        """A new relay pod on a free address (its HAProxy server comes back from maintenance)."""
+        used = {pod.ip for pod in self.pods}
+        ip = next(h for h in HOSTS if h not in used)
+        self.started += 1
+        pod = RelayPod(self.ns, f"relay-{self.started}", ip, self.agent_port, self.metrics_port)
+        self.pods.append(pod)
+        pod.start()
+        self.lb.mark_up(slot(ip))
+        return pod
+
+    def wait_ready(self, pod: RelayPod) -> None:
+        """Ready as Kubernetes and the load balancer see it: /readyz, HAProxy UP, and the
+        sidecar's report."""
+        wait_for(pod.ready, 60, f"{pod.name} /readyz")
+        self.lb.wait_status(slot(pod.ip), "UP", 30)
+        wait_for(lambda: pod.name in self.ns.ready_reports(), 60, f"{pod.name}'s report")
+
+    def terminate(self, pod: RelayPod) -> None:
+        """What deleting a pod does: out of the endpoints and the load balancer at once, the
+        preStop delay, then SIGTERM to both containers (the relay drains)."""
+        pod.terminating = True
+        self.lb.mark_down(slot(pod.ip))
+        time.sleep(PRE_STOP)
+        pod.stop(signal.SIGTERM)
+        self.pods.remove(pod)
+        self.stopped.append(pod)
+
+    def agent_settings(self, name: str) -> AgentSettings:
+        """The agent's files from its Secret (all four keys): it dials what `relay` says."""
         data = self.ns.secret(f"atlax-agent-{name}")
         assert data is not None and set(data) == {"tls.crt", "tls.key", "ca.crt", "relay"}
-        d = self.ns.dir / f"agent-{name}-{pod.name}"
+        d = self.ns.dir / f"agent-{name}"
         d.mkdir(exist_ok=True)
         for key in ("tls.crt", "tls.key", "ca.crt"):
             (d / key).write_bytes(data[key])
         (d / "tls.key").chmod(0o600)
-        assert data["relay"].decode() == f"127.0.0.2:{self.agent_port}"
+        assert data["relay"].decode() == self.relay_address
+        host, port = data["relay"].decode().rsplit(":", 1)
         return AgentSettings(
-            relay=HostPort(pod.ip, pod.agent_port),
+            relay=HostPort(host, int(port)),
             ca=d / "ca.crt",
             cert=d / "tls.crt",
             key=d / "tls.key",
             server_name="localhost",
             backoff_initial=0.1,
             backoff_cap=1.0,
+            connect_timeout=10.0,
             keepalive_interval=1.0,
-            keepalive_timeout=3.0,
+            keepalive_timeout=5.0,
         )
 
 
 @pytest.fixture
 def ha(control_plane: ControlPlane, tmp_path: Path) -> Iterator[HA]:
     ns = Namespace.create(control_plane, tmp_path)
-    agent_port = free_port()
-    relay_address = f"127.0.0.2:{agent_port}"  # what Secrets say; here each agent dials its pod
+    hosts = (FRONTEND_HOST, *HOSTS)
+    agent_port, web_port, metrics_port = (shared_port(hosts) for _ in range(3))
+    lb = HAProxy(
+        tmp_path,
+        [Frontend("agent", agent_port, "leastconn"), Frontend("web", web_port)],
+        [Server(slot(ip), ip, metrics_port) for ip in HOSTS],
+    )
+    relay_address = f"{FRONTEND_HOST}:{agent_port}"
     controllers = [Controller(ns, name, relay_address) for name in ("controller-a", "controller-b")]
-    pods = [RelayPod(ns, f"relay-{ip[-1]}", ip, agent_port) for ip in IPS]
-    ha = HA(ns, agent_port, controllers, pods)
+    ha = HA(ns, agent_port, web_port, metrics_port, controllers, [], lb)
     try:
-        with Kubelet(ns, pods):
-            for pod in pods:
-                pod.start()
-            # Ready as the controller sees them: each pod's sidecar reports its relay ready.
-            wait_for(lambda: ns.ready_reports() == {p.name for p in pods}, 60, "ready relays")
+        lb.start()
+        for ip in HOSTS:
+            lb.mark_down(slot(ip))  # no pod there yet
+        with Kubelet(ns, ha.pods, agent_port):
+            for _ in range(3):
+                ha.start_pod()
+            for pod in list(ha.pods):
+                ha.wait_ready(pod)
             yield ha
     finally:
+        lb.stop()
         for process in ha.processes():
             process.stop()
         for process in ha.processes():
@@ -117,15 +173,32 @@ def operator_lines(process: Process) -> list[str]:
     return [line for line in process.text().splitlines() if " atlax.operator: " in line]
 
 
+def exchange_at(ip: str, port: int, payload: bytes) -> bytes:
+    async def run() -> bytes:
+        async with await anyio.connect_tcp(ip, port) as conn:
+            await conn.send(payload)
+            await conn.send_eof()
+            received = bytearray()
+            try:
+                while True:
+                    received.extend(await conn.receive())
+            except anyio.EndOfStream:
+                pass
+            return bytes(received)
+
+    return anyio.run(run)
+
+
 @pytest.mark.k8s
 def test_one_controller_acts_and_the_other_takes_over_when_it_is_killed(ha: HA) -> None:
     ns = ha.ns
     leader = ha.leader()
     follower = next(c for c in ha.controllers if c is not leader)
-    before = free_port()
+    before = shared_port(HOSTS)
     ns.apply(tunnel_agent("before", web=before))
     wait_for(lambda: ns.condition("before", "PortsOpen").get("status") == "True", 60, "PortsOpen")
-    assert ha.served_everywhere(before)
+    # Each relay listens once the agent joined it, or after a grace period without it.
+    wait_for(lambda: ha.served_everywhere(before), 30, "the port on every relay")
     # The follower campaigns and follows, nothing else: kopf never ran in it.
     lines = operator_lines(follower.process)
     assert lines and all(("campaigning" in line or "following" in line) for line in lines), lines
@@ -133,7 +206,7 @@ def test_one_controller_acts_and_the_other_takes_over_when_it_is_killed(ha: HA) 
 
     leader.process.stop(signal.SIGKILL)
     killed = time.monotonic()
-    meanwhile = free_port()
+    meanwhile = shared_port(HOSTS)
     ns.apply(tunnel_agent("meanwhile", web=meanwhile))  # no controller acts on it yet
     wait_for(
         lambda: ns.lease_holder() == follower.identity,
@@ -153,99 +226,102 @@ def test_one_controller_acts_and_the_other_takes_over_when_it_is_killed(ha: HA) 
         60,
         "the TunnelAgent created meanwhile to be served",
     )
-    assert ha.served_everywhere(meanwhile)
     served = time.monotonic() - killed
     print(f"TunnelAgent created during the failover: ports open on all relays {served:.1f} s after")
 
     async def run() -> None:
         async with tcp_service(echo_handler) as echo:
-            agent = Agent(ha.agent_settings("meanwhile", ha.pods[0]), {"web": echo})
+            agent = Agent(ha.agent_settings("meanwhile"), {"web": echo})
             async with running_agent(agent):
-                assert await _exchange_at(ha.pods[0].ip, meanwhile, b"served") == b"served"
+                await wait_until(lambda: len(agent.tunnels) == 3, 60, "3 tunnels")
+                for pod in ha.pods:
+                    payload = f"served by {pod.name}".encode()
+                    got = await anyio.to_thread.run_sync(exchange_at, pod.ip, meanwhile, payload)
+                    assert got == payload
 
     anyio.run(run)
 
 
-async def _exchange_at(ip: str, port: int, payload: bytes) -> bytes:
-    async with await anyio.connect_tcp(ip, port) as conn:
-        await conn.send(payload)
-        await conn.send_eof()
-        received = bytearray()
-        try:
-            while True:
-                received.extend(await conn.receive())
-        except anyio.EndOfStream:
-            pass
-        return bytes(received)
+def transitions(ns: Namespace, agent: str) -> list[str]:
+    """The agent's connection events, oldest first."""
+    events = [
+        e
+        for e in ns.get("events")["items"]
+        if e["involvedObject"]["name"] == agent
+        and e["reason"] in ("Connected", "PartiallyConnected", "Disconnected")
+    ]
+    events.sort(key=lambda e: e.get("eventTime") or e["firstTimestamp"] or "")
+    return [e["reason"] for e in events]
 
 
 @pytest.mark.k8s
-def test_a_tunnel_agent_is_served_by_every_relay_and_revoked_on_all(ha: HA) -> None:
+def test_a_pool_agent_converges_to_every_relay_and_is_revoked_on_all(ha: HA) -> None:
+    """The agent, with its Secret's four keys, dials the load balancer and holds a tunnel to
+    every relay: 3/3 in status and in the CONNECTED column. A fourth relay that the load
+    balancer does not send to yet makes it 3/4, Partial; once it does, 4/4. Deleting the
+    TunnelAgent closes its port and refuses its identity on every relay."""
     ns = ha.ns
     ha.leader()
-    port = free_port()
+    port = ha.web_port
     ns.apply(tunnel_agent("home-nas", web=port))
     wait_for(lambda: ns.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen")
-    assert ha.served_everywhere(port)
     assert (
         ns.condition("home-nas", "PortsOpen")["message"] == f"ports web:{port} open on all 3 relays"
     )
     owner_uid = ns.get("tunnelagent", "home-nas")["metadata"]["uid"]
 
+    def status_reads(tunnels: str) -> dict[str, object]:
+        return wait_for(
+            lambda: (s := ns.status("home-nas")).get("tunnels") == tunnels and s,
+            60,
+            f"status {tunnels}",
+        )
+
     async def run() -> None:
-        async with tcp_service(echo_handler) as echo, AsyncExitStack() as stack:
-            agents, stacks = [], []
-            for pod in ha.pods:  # a pool agent: one tunnel to each relay
-                agent = Agent(ha.agent_settings("home-nas", pod), {"web": echo})
-                one = await stack.enter_async_context(AsyncExitStack())
-                await one.enter_async_context(running_agent(agent))
-                agents.append(agent)
-                stacks.append(one)
-            for pod in ha.pods:
-                payload = f"through {pod.name}".encode() * 1000
-                assert await _exchange_at(pod.ip, port, payload) == payload
-            status = await anyio.to_thread.run_sync(
-                lambda: wait_for(
-                    lambda: (s := ns.status("home-nas")).get("tunnels") == "3/3" and s,
-                    30,
-                    "status 3/3",
-                )
-            )
-            assert status["connectedInstances"] == 3 and status["relayInstances"] == 3
-            connected = ns.condition("home-nas", "Connected")
-            assert (connected["status"], connected["reason"]) == ("True", "TunnelUp")
-            assert ns.condition("home-nas", "Ready")["status"] == "True"
-            table = ns.cp.kubectl("get", "tunnelagents", "-n", ns.name).stdout.splitlines()
-            assert table[0].split()[:4] == ["NAME", "READY", "CONNECTED", "PORTS"]
-            assert table[1].split()[:4] == ["home-nas", "True", "3/3", f"web:{port}"]
+        async with tcp_service(echo_handler) as echo:
+            agent = Agent(ha.agent_settings("home-nas"), {"web": echo})
+            async with running_agent(agent):
+                await wait_until(lambda: len(agent.tunnels) == 3, 60, "3 tunnels")
+                status = await anyio.to_thread.run_sync(status_reads, "3/3")
+                assert status["connectedInstances"] == 3 and status["relayInstances"] == 3
+                connected = ns.condition("home-nas", "Connected")
+                assert (connected["status"], connected["reason"]) == ("True", "TunnelUp")
+                assert ns.condition("home-nas", "Ready")["status"] == "True"
+                table = ns.cp.kubectl("get", "tunnelagents", "-n", ns.name).stdout.splitlines()
+                assert table[0].split()[:4] == ["NAME", "READY", "CONNECTED", "PORTS"]
+                assert table[1].split()[:4] == ["home-nas", "True", "3/3", f"web:{port}"]
+                for pod in ha.pods:
+                    payload = f"through {pod.name}".encode() * 1000
+                    got = await anyio.to_thread.run_sync(exchange_at, pod.ip, port, payload)
+                    assert got == payload
 
-            await stacks[2].aclose()  # the tunnel to relay-4 goes: 2/3, Partial, not Ready
-            await anyio.to_thread.run_sync(
-                lambda: wait_for(
-                    lambda: ns.condition("home-nas", "Connected").get("reason") == "Partial",
-                    30,
-                    "Connected: Partial",
+                # A fourth relay, ready, that the load balancer does not send to yet.
+                fourth = await anyio.to_thread.run_sync(ha.start_pod)
+                ha.lb.mark_down(slot(fourth.ip))
+                await anyio.to_thread.run_sync(
+                    lambda: wait_for(
+                        lambda: fourth.name in ns.ready_reports(), 60, "the fourth relay ready"
+                    )
                 )
-            )
-            status = ns.status("home-nas")
-            assert (status["connectedInstances"], status["relayInstances"]) == (2, 3)
-            assert status["tunnels"] == "2/3" and status["connected"] is True
-            assert ns.condition("home-nas", "Ready")["status"] == "False"
-            assert ns.condition("home-nas", "Connected")["message"] == (
-                "tunnels to 2 of 3 relay instances"
-            )
-            late = Agent(ha.agent_settings("home-nas", ha.pods[2]), {"web": echo})
-            await stack.enter_async_context(running_agent(late, wait=False))
+                status = await anyio.to_thread.run_sync(status_reads, "3/4")
+                assert (status["connectedInstances"], status["relayInstances"]) == (3, 4)
+                connected = ns.condition("home-nas", "Connected")
+                assert (connected["status"], connected["reason"]) == ("False", "Partial")
+                assert connected["message"] == "tunnels to 3 of 4 relay instances"
+                assert ns.condition("home-nas", "Ready")["status"] == "False"
 
-            await anyio.to_thread.run_sync(
-                lambda: ns.cp.kubectl(
-                    "delete", "tunnelagent", "home-nas", "-n", ns.name, "--timeout=60s"
+                ha.lb.mark_up(slot(fourth.ip))  # the agent finds it through the load balancer
+                await wait_until(lambda: len(agent.tunnels) == 4, 60, "4 tunnels")
+                await anyio.to_thread.run_sync(status_reads, "4/4")
+
+                await anyio.to_thread.run_sync(
+                    lambda: ns.cp.kubectl(
+                        "delete", "tunnelagent", "home-nas", "-n", ns.name, "--timeout=60s"
+                    )
                 )
-            )
-            # The finalizer goes only once every relay has revoked the agent.
-            assert ha.closed_everywhere(port)
-            for agent in [*agents[:2], late]:
-                await wait_until(lambda a=agent: "not configured" in (a.last_error or ""), 15)
+                # The finalizer goes only once every relay has revoked the agent.
+                assert ha.closed_everywhere(port)
+                await wait_until(lambda: "not configured" in (agent.last_error or ""), 30)
 
     anyio.run(run)
     # The agent's Secret goes with its TunnelAgent through the garbage collector (none runs on
@@ -254,9 +330,65 @@ def test_a_tunnel_agent_is_served_by_every_relay_and_revoked_on_all(ha: HA) -> N
     assert secret is None or secret["metadata"]["ownerReferences"][0]["uid"] == owner_uid
     service = ns.get("service", SERVICE)
     assert [p["port"] for p in service["spec"]["ports"]] == [7443]
-    events = ns.get("events")["items"]
-    reasons = [e["reason"] for e in events if e["involvedObject"]["name"] == "home-nas"]
-    assert reasons.count("Connected") == 1 and reasons.count("PartiallyConnected") == 1, reasons
+    reasons = transitions(ns, "home-nas")
+    assert "Connected" in reasons and "PartiallyConnected" in reasons, reasons
+    # Events on transitions only: never the same one twice in a row.
+    assert all(a != b for a, b in itertools.pairwise(reasons)), reasons
+
+
+@pytest.mark.k8s
+def test_a_rollout_under_load_fails_nothing(ha: HA) -> None:
+    """A rollout as the chart's Deployment does it (maxSurge 1, maxUnavailable 0): a fourth pod
+    is started and waited for until ready, then an old one is deleted (out of the endpoints and
+    the load balancer, the preStop delay, SIGTERM), three times, while a client opens 20
+    connections a second through the load balancer, each echoing 4 KiB of random bytes: zero
+    failed, zero corrupted; the agent ends with a tunnel to each new relay and status says 3/3."""
+    ns = ha.ns
+    ha.leader()
+    port = ha.web_port
+    ns.apply(tunnel_agent("home-nas", web=port))
+    wait_for(lambda: ns.condition("home-nas", "PortsOpen").get("status") == "True", 60, "PortsOpen")
+    old = list(ha.pods)
+
+    async def run() -> RolloutResult:
+        async with tcp_service(echo_handler) as echo:
+            agent = Agent(ha.agent_settings("home-nas"), {"web": echo})
+            async with running_agent(agent):
+                await wait_until(lambda: len(agent.tunnels) == 3, 60, "3 tunnels")
+                result, stop = RolloutResult(), threading.Event()
+                client = threading.Thread(target=client_at_rate, args=(port, 20.0, stop, result))
+                started = time.monotonic()
+                client.start()
+                try:
+                    await anyio.sleep(2)
+                    for pod in old:
+                        new = await anyio.to_thread.run_sync(ha.start_pod)
+                        await anyio.to_thread.run_sync(ha.wait_ready, new)
+                        await wait_until(lambda: len(agent.tunnels) == 4, 60, "4 tunnels")
+                        await anyio.to_thread.run_sync(ha.terminate, pod)
+                        await wait_until(lambda: len(agent.tunnels) == 3, 60, "3 tunnels")
+                        await anyio.sleep(1)
+                finally:
+                    stop.set()
+                    await anyio.to_thread.run_sync(client.join)
+                result.seconds = time.monotonic() - started
+                await anyio.to_thread.run_sync(
+                    lambda: wait_for(
+                        lambda: ns.status("home-nas").get("tunnels") == "3/3", 60, "status 3/3"
+                    )
+                )
+                return result
+
+    result = anyio.run(run)
+    print(
+        f"rollout of 3 relay pods under load: {result.attempted} connections attempted, "
+        f"{result.failed} failed, {result.corrupted} corrupted in {result.seconds:.1f} s"
+    )
+    assert result.attempted > 100
+    assert (result.failed, result.corrupted) == (0, 0), result.failures[:10]
+    assert not set(ha.pods) & set(old)
+    for pod in old:  # each drained and exited by itself
+        assert all(p.proc.returncode == 0 for p in pod.processes()), pod.name
 
 
 def _logged_at(process: Process, text: str) -> float | None:
