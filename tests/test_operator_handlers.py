@@ -83,6 +83,24 @@ class Env:
     def body(self, name: str) -> kopf.Body:
         return kopf.Body(self.get("tunnelagent", name))
 
+    async def reconcile(self, reconciler: Reconciler, name: str) -> kopf.Patch:
+        """What kopf does with the create handler: call it, then write the status it patched
+        (the sync pushes an agent once status carries its key pins)."""
+        patch = kopf.Patch()
+        await reconciler.reconcile(self.body(name), patch)
+        self.cp.kubectl(
+            "patch",
+            "tunnelagent",
+            name,
+            "-n",
+            self.namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": dict(patch.status)}),
+        )
+        return patch
+
     def service_ports(self) -> set[int]:
         return {p["port"] for p in self.get("service", "atlax-relay")["spec"]["ports"]}
 
@@ -208,13 +226,13 @@ def test_the_sync_survives_the_relay_going_away_after_a_push(env: Env) -> None:
     result back: its report says the relay is not reachable, and the pass ends normally (the
     second read of the relay's agents was not guarded when the operator pushed itself)."""
     port = free_port()
-    body = env.apply_agent("gone-after-put", port)
+    env.apply_agent("gone-after-put", port)
 
     async def run() -> None:
         reports = MemoryReports()
         async with started_reconciler(env.config(), reports) as reconciler:
             await wait_for_relay(env)
-            await reconciler.reconcile(body, kopf.Patch())  # grants the port on the Service
+            await env.reconcile(reconciler, "gone-after-put")  # grants the port on the Service
             proxy = env.dir / "proxy.sock"
             async with control_socket_gone_after_a_put(env.control_socket, proxy):
                 report = await env.sync(reports, proxy).step()
@@ -283,17 +301,17 @@ def test_the_sync_gives_the_relay_exactly_what_is_granted(env: Env) -> None:
         async with started_reconciler(env.config(), reports) as reconciler:
             await wait_for_relay(env)
             sync = env.sync(reports)
-            body = env.apply_agent("mover", old)
+            env.apply_agent("mover", old)
             report = await sync.step()
             assert report.ready and "mover" not in report.agents  # not granted yet
-            await reconciler.reconcile(body, kopf.Patch())
+            await env.reconcile(reconciler, "mover")
             report = await sync.step()
             assert report.agents["mover"].ports == ((f"s{old}", old, "tcp", "", ()),)
 
             env.apply_agent("mover", new)  # the controller has not granted `new` yet
             report = await sync.step()
             assert report.agents["mover"].ports == ((f"s{old}", old, "tcp", "", ()),)
-            await reconciler.reconcile(env.body("mover"), kopf.Patch())
+            await env.reconcile(reconciler, "mover")
             report = await sync.step()
             assert report.agents["mover"].ports == ((f"s{new}", new, "tcp", "", ()),)
 
@@ -327,8 +345,7 @@ def test_a_timer_tick_waiting_for_a_delete_does_not_bring_the_agent_back(env: En
         async with started_reconciler(env.config(), reports) as reconciler:
             await wait_for_relay(env)
             sync = env.sync(reports)
-            patch = kopf.Patch()
-            await reconciler.reconcile(env.body("gone"), patch)
+            patch = await env.reconcile(reconciler, "gone")
             ports = condition(patch.status["conditions"], "PortsOpen")
             assert (ports["reason"], ports["message"]) == (
                 "RelayUnavailable",

@@ -210,12 +210,19 @@ def test_report_lease_names_fit_a_name() -> None:
 # -- the sync's desired state --------------------------------------------------------------------
 
 
-def agent(name: str, *ports: int, deleting: bool = False, **spec: object) -> dict[str, object]:
+PIN = "sha256:" + "A" * 43 + "="
+
+
+def agent(
+    name: str, *ports: int, deleting: bool = False, pins: tuple[str, ...] = (PIN,), **spec: object
+) -> dict[str, object]:
+    """A TunnelAgent; `pins`: its status.keyPins (what the controller wrote with its certificate)."""
     metadata: dict[str, object] = {"name": name}
     if deleting:
         metadata["deletionTimestamp"] = "2025-01-01T00:00:00Z"
     services = [{"name": f"s{p}", "port": p} for p in ports]
-    return {"metadata": metadata, "spec": {"services": services, **spec}}
+    status = {"keyPins": list(pins)} if pins else {}
+    return {"metadata": metadata, "spec": {"services": services, **spec}, "status": status}
 
 
 def holdings(ports: dict[str, str], shared: dict[str, object] | None = None) -> Holdings:
@@ -226,13 +233,16 @@ def holdings(ports: dict[str, str], shared: dict[str, object] | None = None) -> 
 
 
 def test_only_agents_whose_claims_are_all_granted_are_pushed() -> None:
-    held = holdings({"80": "ns/web", "81": "ns/web", "90": "ns/other", "82": "ns/moved"})
+    held = holdings(
+        {"80": "ns/web", "81": "ns/web", "90": "ns/other", "82": "ns/moved", "84": "ns/unpinned"}
+    )
     desired = desired_state(
         [
             agent("web", 80, 81, maxStreams=5),
             agent("moved", 83),  # its spec names a port not granted (yet): 82 is still its own
             agent("thief", 90),  # granted to someone else
             agent("gone", 80, deleting=True),
+            agent("unpinned", 84, pins=()),  # no certificate yet: no key it may present
         ],
         held,
         "ns",
@@ -241,9 +251,10 @@ def test_only_agents_whose_claims_are_all_granted_are_pushed() -> None:
     assert set(desired.specs) == {"web"}
     assert desired.specs["web"] == {
         "services": [{"name": "s80", "port": 80}, {"name": "s81", "port": 81}],
+        "pins": [PIN],
         "max_streams": 5,
     }
-    assert desired.existing == {"web", "moved", "thief"} and desired.replicas == 3
+    assert desired.existing == {"web", "moved", "thief", "unpinned"} and desired.replicas == 3
     # What the relay may keep of an agent not pushed: nothing granted to someone else.
     assert desired.may_keep("moved", {"services": [{"name": "s82", "port": 82}]})
     assert not desired.may_keep("thief", {"services": [{"name": "s90", "port": 90}]})

@@ -176,8 +176,12 @@ class Reconciler:
             except ApiException as exc:
                 raise kopf.TemporaryError(kube.describe(exc), delay=10) from None
 
-    async def _certificate(self, body: kopf.Body, patch: kopf.Patch) -> dict[str, Any]:
-        """The agent's certificate Secret; returns status as it will be after `patch`."""
+    async def _certificate(
+        self, body: kopf.Body, patch: kopf.Patch, *, agent_moved: bool = False
+    ) -> dict[str, Any]:
+        """The agent's certificate Secret and its key pins; returns status as it will be after
+        `patch`. `agent_moved`: the relays see the agent's tunnels with its current key, so a
+        renewal's predecessor need not be accepted any longer (see keypins)."""
         cfg, ca = self.config, self.state.ca
         assert ca is not None
         name, spec = body["metadata"]["name"], dict(body.get("spec", {}))
@@ -187,7 +191,7 @@ class Reconciler:
         except certs.CertificateError as exc:
             raise kopf.PermanentError(str(exc)) from None
         status = dict(body.get("status", {}))
-        cert, reissued = await pki.ensure_agent_secret(
+        issued = await pki.ensure_agent_secret(
             cfg.namespace,
             name,
             ca,
@@ -197,6 +201,8 @@ class Reconciler:
             _issued_certificate(status),
             status.get("relayAddress"),
         )
+        cert, reissued = issued.cert, issued.reissued
+        pins = key_pins(status, issued, agent_moved=agent_moved)
         secret = pki.agent_secret_name(name)
         if reissued:
             kopf.info(
@@ -223,6 +229,10 @@ class Reconciler:
         patch.status["certificateRenewalTime"] = status["certificateRenewalTime"] = renewal
         patch.status["certificate"] = cert.public_bytes(serialization.Encoding.PEM).decode()
         patch.status["relayAddress"] = cfg.relay_address
+        # What the syncs push to the relays as the keys this agent may present.
+        patch.status["keyPins"] = status["keyPins"] = list(pins.pins)
+        until = iso_utc(pins.previous_until) if pins.previous_until else None
+        patch.status["previousCertificateNotAfter"] = status["previousCertificateNotAfter"] = until
         return status
 
     # -- timer -------------------------------------------------------------------------------
@@ -234,15 +244,33 @@ class Reconciler:
             if body["metadata"].get("deletionTimestamp"):
                 return
             try:
+                name = body["metadata"]["name"]
                 status = dict(body.get("status", {}))
                 # No renewal time yet: the create handler has not issued it (or this tick's body
                 # predates its patch); minting here too would issue two certificates.
                 if status.get("certificateRenewalTime") and _renewal_due(status):
-                    log.info("TunnelAgent %r: renewing its certificate", body["metadata"]["name"])
+                    log.info("TunnelAgent %r: renewing its certificate", name)
                     status = await self._certificate(body, patch)
+                elif status.get("certificateRenewalTime"):
+                    moved = moved_to_current_key(status, await self._live_key(name))
+                    if moved or previous_expired(status):
+                        why = "it has moved to its renewed key" if moved else "it has expired"
+                        log.info("TunnelAgent %r: unpinning the replaced key (%s)", name, why)
+                        status = await self._certificate(body, patch, agent_moved=moved)
                 await self._status(body, patch, status)
             except ApiException as exc:
                 raise kopf.TemporaryError(kube.describe(exc), delay=10) from None
+
+    async def _live_key(self, name: str) -> dict[str, Any] | None:
+        """The agent's live key as the ready relays see it: {"pin": P} when every relay that
+        holds a tunnel of it reports the same key P, else None (no tunnel, or keys differ: the
+        agent has not moved everywhere yet)."""
+        pins = {
+            r.agents[name].pin
+            for r in await self.state.reports.get()
+            if r.ready and name in r.agents and r.agents[name].tunnels > 0
+        }
+        return {"pin": pins.pop()} if len(pins) == 1 and None not in pins else None
 
     # -- status ------------------------------------------------------------------------------
 

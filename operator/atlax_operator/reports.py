@@ -47,6 +47,7 @@ class AgentReport:
     active_streams: int = 0
     refused: str | None = None  # a PortsReason when the relay refused the spec
     message: str = ""
+    pin: str | None = None  # the key pin of a live tunnel of the agent (any instance's)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,9 @@ class RelayReport:
         """The report without the counters that change with every byte: what makes a new
         report worth writing before the next heartbeat."""
         quiet = {
-            name: AgentReport(a.ports, a.tunnels, a.peer, refused=a.refused, message=a.message)
+            name: AgentReport(
+                a.ports, a.tunnels, a.peer, refused=a.refused, message=a.message, pin=a.pin
+            )
             for name, a in self.agents.items()
         }
         return RelayReport(self.pod, self.ready, self.instances, self.relay_id, self.error, quiet)

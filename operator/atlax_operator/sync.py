@@ -88,10 +88,18 @@ def relay_spec(agent: Mapping[str, Any]) -> dict[str, Any]:
         if s.get("maxConnections"):
             item["max_connections"] = s["maxConnections"]
         services.append(item)
-    body: dict[str, Any] = {"services": services}
+    # The keys the agent may present (the controller's status.keyPins: the current
+    # certificate's, and a renewed one's predecessor for a while); anything else is refused.
+    body: dict[str, Any] = {"services": services, "pins": list(key_pins_of(agent))}
     if spec.get("maxStreams"):
         body["max_streams"] = spec["maxStreams"]
     return body
+
+
+def key_pins_of(agent: Mapping[str, Any]) -> tuple[str, ...]:
+    """The TunnelAgent's key pins as its status records them (none before its certificate)."""
+    pins = agent.get("status", {}).get("keyPins") or []
+    return tuple(str(p) for p in pins)
 
 
 def desired_state(
@@ -109,7 +117,7 @@ def desired_state(
         owners[name] = f"{namespace}/{name}"
         body = relay_spec(agent)
         claims = Claims.of(agent.get("spec", {}).get("services", []))
-        if body["services"] and holds(holdings, owners[name], claims):
+        if body["services"] and body["pins"] and holds(holdings, owners[name], claims):
             specs[name] = body
     return Desired(specs, holdings, frozenset(owners), owners, replicas)
 
@@ -350,7 +358,8 @@ class RelaySync:
             agent = live.get(name)
             wanted = service_keys(body["services"])
             if agent is not None and memory.pushed.get(name) == body:
-                if service_keys(agent.get("services", [])) == wanted:
+                same_pins = list(agent.get("pins", body["pins"])) == body["pins"]
+                if service_keys(agent.get("services", [])) == wanted and same_pins:
                     continue
             status, reply = await self.relay.put_agent(name, body["services"], **_extra(body))
             error = reply.get("error", "") if isinstance(reply, dict) else str(reply)
@@ -401,4 +410,5 @@ def _agent_report(live: Mapping[str, Any]) -> AgentReport:
         bytes_in=int(live.get("bytesIn") or 0),
         bytes_out=int(live.get("bytesOut") or 0),
         active_streams=int(live.get("activeStreams") or 0),
+        pin=live.get("pin"),
     )
