@@ -187,6 +187,7 @@ class RelayPod:
         self.ip = ip
         self.agent_port = agent_port
         self.metrics_port = metrics_port or free_port()
+        self.health_port = free_port()  # the sync's /readyz
         self.terminating = False  # deleted: out of the EndpointSlice at once, as in Kubernetes
         self.dir = ns.dir / name
         (self.dir / "tls").mkdir(parents=True, exist_ok=True)
@@ -231,20 +232,20 @@ class RelayPod:
                 "sync",
                 *("--namespace", self.ns.name, "--service-name", SERVICE),
                 *("--control-socket", str(self.socket), "--pod-name", self.name),
-                *("--interval", "2"),
+                *("--interval", "2", "--health-port", str(self.health_port)),
             ),
             self.ns.env("sync"),
             self.dir / "sync.log",
         )
 
+    def relay_ready(self) -> bool:
+        """The relay's readiness probe: it has its state."""
+        return _ok(f"http://{self.ip}:{self.metrics_port}/readyz")
+
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(
-                f"http://{self.ip}:{self.metrics_port}/readyz", timeout=2
-            ) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
+        """The pod's readiness, as the chart probes it: the relay's and the sync's (the relay
+        also has the tunnels of every agent connected elsewhere)."""
+        return self.relay_ready() and _ok(f"http://127.0.0.1:{self.health_port}/readyz")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         for process in (self.sync, self.relay):
@@ -255,16 +256,25 @@ class RelayPod:
         return [p for p in (self.sync, self.relay) if p is not None]
 
 
+def _ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
 class Kubelet:
-    """Keeps the relay pods' Secret files current and the Service's EndpointSlice equal to the
-    pods that pass their readiness probe, every half second, in a thread."""
+    """Keeps the relay pods' Secret files current and the Service's EndpointSlice listing every
+    started pod, ready when it passes its readiness probes, terminating once deleted, every half
+    second, in a thread."""
 
     def __init__(self, ns: Namespace, pods: list[RelayPod], agent_port: int | None = None) -> None:
         self.ns = ns
         self.pods = pods  # the test adds and removes pods in this list as it starts and stops them
         self.agent_port = agent_port or pods[0].agent_port
         self._stop = threading.Event()
-        self._ready: list[str] | None = None
+        self._state: list[tuple[str, bool, bool]] | None = None
         self._thread = threading.Thread(target=self._run, name="kubelet", daemon=True)
 
     def __enter__(self) -> Kubelet:
@@ -280,12 +290,14 @@ class Kubelet:
             started = [p for p in list(self.pods) if p.relay is not None and p.relay.alive()]
             for pod in started:
                 pod.project_tls()
-            ready = sorted(p.name for p in started if not p.terminating and p.ready())
-            if ready != self._ready:
-                self._publish([p for p in list(self.pods) if p.name in ready])
-                self._ready = ready
+            state = sorted(
+                (p.name, p.terminating, not p.terminating and p.ready()) for p in started
+            )
+            if state != self._state:
+                self._publish(started, {name: ready for name, _, ready in state})
+                self._state = state
 
-    def _publish(self, ready: list[RelayPod]) -> None:
+    def _publish(self, started: list[RelayPod], ready: dict[str, bool]) -> None:
         port = self.agent_port
         endpoint_slice = {
             "apiVersion": "discovery.k8s.io/v1",
@@ -301,10 +313,14 @@ class Kubelet:
                     # The API server refuses loopback addresses in an EndpointSlice: a stand-in
                     # pod-network address (only the pod name in targetRef is read).
                     "addresses": [f"10.244.0.{p.ip.rsplit('.', 1)[1]}"],
-                    "conditions": {"ready": True},
+                    "conditions": {
+                        "ready": ready[p.name],
+                        "serving": ready[p.name],
+                        "terminating": p.terminating,
+                    },
                     "targetRef": {"kind": "Pod", "name": p.name, "namespace": self.ns.name},
                 }
-                for p in ready
+                for p in started
             ],
             "ports": [{"name": "agent", "port": port, "protocol": "TCP"}],
         }

@@ -170,6 +170,16 @@ def test_the_default_render_rolls_relays_without_a_gap() -> None:
     sync = next(c for c in pod["containers"] if c["name"] == "sync")
     assert sync["args"][:2] == ["operator", "sync"]
     assert "--pod-name=$(POD_NAME)" in sync["args"]
+    # The pod is ready once the relay has its state (its probe) and the agents connected to the
+    # other pods have their tunnels here too (the sync's).
+    assert sync["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "sync-health"}
+    assert f"--health-port={values['sync']['healthPort']}" in sync["args"]
+    # Agents dial a Service that includes pods that are not ready yet: they reach a new pod
+    # before it takes public connections.
+    agents = docs[("Service", "atlax-agents")]["spec"]
+    assert agents["publishNotReadyAddresses"] is True
+    assert agents["selector"] == docs[("Service", "atlax")]["spec"]["selector"]
+    assert [p["port"] for p in agents["ports"]] == [7443]
     controller = docs[("Deployment", "atlax-controller")]["spec"]
     assert controller["replicas"] == 2
     args = controller["template"]["spec"]["containers"][0]["args"]
@@ -185,7 +195,7 @@ def test_each_operator_role_has_a_least_privilege_role_of_its_own() -> None:
     assert not any("secrets" in r["resources"] for r in sync)
     writes = [r for r in sync if set(r["verbs"]) - {"get", "list", "watch"}]
     assert [(r["resources"], sorted(r["verbs"])) for r in writes] == [
-        (["leases"], ["create", "get", "update"])
+        (["leases"], ["create", "get", "list", "update", "watch"])
     ]
     assert next(r for r in sync if r["resources"] == ["services"])["resourceNames"] == ["atlax"]
     assert docs[("ServiceAccount", "atlax-sync")]["automountServiceAccountToken"] is False
@@ -225,8 +235,9 @@ def test_node_port_service_gives_agents_the_node_port() -> None:
     }
     controller = docs[("Deployment", "atlax-controller")]["spec"]["template"]["spec"]
     assert "--relay-address=192.0.2.10:30443" in controller["containers"][0]["args"]
-    port = docs[("Service", "atlax")]["spec"]["ports"][0]
+    port = docs[("Service", "atlax-agents")]["spec"]["ports"][0]
     assert (port["port"], port["nodePort"]) == (7443, 30443)
+    assert "nodePort" not in docs[("Service", "atlax")]["spec"]["ports"][0]
 
 
 @pytest.mark.parametrize(

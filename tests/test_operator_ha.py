@@ -37,6 +37,7 @@ from pods import (
 from atlax.agent import Agent
 from atlax.bench.cluster import RolloutResult, client_at_rate
 from atlax.config import AgentSettings, HostPort
+from atlax.control.client import ControlClient
 
 # Three relay pods and a fourth address for the pod a rollout surges.
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
@@ -339,7 +340,8 @@ def test_a_pool_agent_converges_to_every_relay_and_is_revoked_on_all(ha: HA) -> 
 @pytest.mark.k8s
 def test_a_rollout_under_load_fails_nothing(ha: HA) -> None:
     """A rollout as the chart's Deployment does it (maxSurge 1, maxUnavailable 0): a fourth pod
-    is started and waited for until ready, then an old one is deleted (out of the endpoints and
+    is started and waited for until ready (which its sync says only once the agent's tunnel
+    reached it), then an old one is deleted (out of the endpoints and
     the load balancer, the preStop delay, SIGTERM), three times, while a client opens 20
     connections a second through the load balancer, each echoing 4 KiB of random bytes: zero
     failed, zero corrupted; the agent ends with a tunnel to each new relay and status says 3/3."""
@@ -364,6 +366,12 @@ def test_a_rollout_under_load_fails_nothing(ha: HA) -> None:
                     for pod in old:
                         new = await anyio.to_thread.run_sync(ha.start_pod)
                         await anyio.to_thread.run_sync(ha.wait_ready, new)
+                        # Ready (its sync's /readyz) only once the agent's tunnel reached it:
+                        # no public connection waits there for the agent, none is refused.
+                        status, view = await ControlClient(new.socket, timeout=10).call(
+                            "GET", "/agents/home-nas"
+                        )
+                        assert status == 200 and view["instances"], view
                         await wait_until(lambda: len(agent.tunnels) == 4, 60, "4 tunnels")
                         await anyio.to_thread.run_sync(ha.terminate, pod)
                         await wait_until(lambda: len(agent.tunnels) == 3, 60, "3 tunnels")

@@ -12,7 +12,7 @@ from atlax_operator.claims import Holdings
 from atlax_operator.election import Election, LeaseRecord
 from atlax_operator.reports import AgentReport, RelayReport, report_lease_name
 from atlax_operator.status import ConnectedReason, PortsReason, live_agent, service_keys
-from atlax_operator.sync import desired_state, live_tunnels
+from atlax_operator.sync import cluster_replicas, desired_state, live_tunnels, serving_readiness
 
 WALL = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -311,3 +311,44 @@ def test_tunnels_are_counted_per_instance_when_the_relay_lists_them() -> None:
     instances = [{"instance": "2a5f01c3", "connected": True}, {"instance": "0b1c2d3e"}]
     assert live_tunnels({"connected": True, "instances": instances}) == 2
     assert live_tunnels({"connected": False, "instances": []}) == 0
+
+
+def test_a_new_relay_pod_serves_once_the_connected_agents_reached_it() -> None:
+    """Serving readiness (the sync's /readyz, the pod's readiness): the relay has its state, and
+    every agent connected elsewhere holds a tunnel to each of its instances, or the grace passed."""
+    online, offline = agent("online", 80), agent("offline", 81)
+    online["status"] = {**online["status"], "connectedInstances": 2}  # type: ignore[dict-item]
+    held = holdings({"80": "ns/online", "81": "ns/offline"})
+    desired = desired_state([online, offline], held, "ns")
+    assert desired.connected == {"online"}
+
+    def report(tunnels: int, ready: bool = True) -> RelayReport:
+        agents = {"online": AgentReport(tunnels=tunnels), "offline": AgentReport()}
+        return RelayReport("relay-3", ready, instances=2, agents=agents)
+
+    assert serving_readiness(None, report(0), 0, 60) == (
+        False,
+        "the relay does not have its state yet",
+    )
+    assert serving_readiness(desired, report(0, ready=False), 0, 60)[0] is False
+    assert serving_readiness(desired, report(1), 5, 60) == (
+        False,
+        "waiting for the tunnels of online",
+    )
+    # Every instance of the pod (its workers) holds the tunnel: ready; the agent that is
+    # offline everywhere is not waited for.
+    assert serving_readiness(desired, report(2), 5, 60)[0] is True
+    assert serving_readiness(desired, report(0), 60, 60) == (
+        True,
+        "waited 60s for the tunnels of online",
+    )
+
+
+def test_the_cluster_size_counts_pods_whose_relay_can_take_agents() -> None:
+    """Relay pods in the EndpointSlices (ready or not) that are not terminating and whose sync
+    reports their relay ready, and this pod: a starting pod counts once it can take agents (they
+    must find it before it is Ready), a terminating one at once no more."""
+    endpoints = {"a": False, "b": False, "c": True, "d": False}  # c terminating
+    assert cluster_replicas(endpoints, {"a", "b", "c"}, "a") == 2  # d has no ready relay yet
+    assert cluster_replicas(endpoints, {"a", "b", "c", "d"}, "a") == 3
+    assert cluster_replicas({}, set(), "new") == 1  # itself, before its endpoint is listed

@@ -185,6 +185,22 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="read the cluster and refresh the report at least this often (default 10)",
     )
+    s.add_argument(
+        "--health-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="serve GET /readyz (200 once the relay has its state and the tunnels of every "
+        "connected agent, else 503) and /healthz on this port; 0: none (default)",
+    )
+    s.add_argument(
+        "--join-grace",
+        type=_positive,
+        default=30.0,
+        metavar="SECONDS",
+        help="/readyz says 200 this long after the relay took its state even if a connected "
+        "agent has not reached it (default 30)",
+    )
     s.set_defaults(func=run_sync)
 
     u = sub.add_parser(
@@ -306,6 +322,7 @@ def run_sync(args: argparse.Namespace) -> int:
         service_name=args.service_name,
         pod=args.pod_name,
         interval=args.interval,
+        join_grace=args.join_grace,
     )
     reports = LeaseReports(
         args.namespace,
@@ -314,7 +331,7 @@ def run_sync(args: argparse.Namespace) -> int:
         pod_uid=args.pod_uid,
         ttl=3 * args.interval,
     )
-    asyncio.run(_serve_sync(RelaySync(config, reports)))
+    asyncio.run(_serve_sync(RelaySync(config, reports), args.health_port))
     return 0
 
 
@@ -447,14 +464,36 @@ async def _serve_controller(config: ControllerConfig, lease: str, election: Elec
         campaign.cancel()  # releases the Lease if held
 
 
-async def _serve_sync(sync: RelaySync) -> None:
+async def _serve_sync(sync: RelaySync, health_port: int = 0) -> None:
     await _check(sync.config.namespace)
     stopping = asyncio.Event()
     _signals(stopping.set)
     async with asyncio.TaskGroup() as tg:
-        task = tg.create_task(sync.run())
+        tasks = [tg.create_task(sync.run())]
+        if health_port:
+            tasks.append(tg.create_task(_serve_health(sync, health_port)))
         await stopping.wait()
-        task.cancel()  # a last report: this relay is not ready any more
+        for task in tasks:
+            task.cancel()  # the sync's last report: this relay is not ready any more
+
+
+async def _serve_health(sync: RelaySync, port: int) -> None:
+    """/readyz: the sync's serving readiness (the pod's readiness probe); /healthz: it runs."""
+    import anyio
+
+    from atlax.http import Request, Response, serve_http_connection
+
+    async def app(request: Request) -> Response:
+        if request.path == "/healthz":
+            return Response.json(200, {"status": "ok"})
+        if request.path == "/readyz":
+            ready, why = sync.serving
+            return Response.json(200 if ready else 503, {"ready": ready, "detail": why})
+        return Response.error(404, f"no such endpoint: {request.path}")
+
+    listener = await anyio.create_tcp_listener(local_port=port, reuse_port=False)
+    log.info("readiness on port %d (/readyz)", port)
+    await listener.serve(lambda stream: serve_http_connection(stream, app))
 
 
 def _signals(stop: Callable[[], None]) -> Callable[[], None]:

@@ -341,8 +341,9 @@ async def list_tunnel_agents(
     return items
 
 
-async def ready_endpoints(namespace: str, service: str) -> set[str]:
-    """The ready endpoints (pod names, else addresses) of `service`, from its EndpointSlices."""
+async def relay_endpoints(namespace: str, service: str) -> dict[str, bool]:
+    """The endpoints of `service` from its EndpointSlices, ready or not: pod name (else the
+    addresses) -> whether it is terminating."""
     api = client.DiscoveryV1Api()
     slices: Any = await call(
         api.list_namespaced_endpoint_slice,
@@ -350,15 +351,14 @@ async def ready_endpoints(namespace: str, service: str) -> set[str]:
         label_selector=f"kubernetes.io/service-name={service}",
         _request_timeout=30,
     )
-    ready: set[str] = set()
+    endpoints: dict[str, bool] = {}
     for item in slices.items or []:
         for endpoint in item.endpoints or []:
-            conditions = endpoint.conditions
-            if conditions is not None and conditions.ready is False:
-                continue  # ready unset means ready (discovery.k8s.io/v1)
             ref = endpoint.target_ref
-            ready.add(ref.name if ref is not None and ref.name else ",".join(endpoint.addresses))
-    return ready
+            name = ref.name if ref is not None and ref.name else ",".join(endpoint.addresses)
+            conditions = endpoint.conditions
+            endpoints[name] = bool(conditions is not None and conditions.terminating)
+    return endpoints
 
 
 # -- Leases ------------------------------------------------------------------------------------

@@ -12,8 +12,17 @@ there, and an agent that holds a port or hostname granted to someone else (or no
 or is being deleted) is revoked.
 Nothing is changed while the API cannot be read: an empty answer would revoke every agent.
 
-After each pass it tells its relay the cluster size (ready relay pods, from the EndpointSlices)
-and writes a report of what its relay holds (see reports.py).
+After each pass it tells its relay the cluster size and writes a report of what its relay holds
+(see reports.py). The cluster size counts the relay pods that are in the Service's EndpointSlices
+and not terminating, and whose sidecar reports its relay ready (its state applied), itself
+included: a new pod counts as soon as its relay can take agents, before it is Ready, so that the
+agents, told a larger size by the relays they hold, dial until they reach it.
+
+Serving readiness (`GET /readyz` on --health-port, the pod's readiness with the relay's own): the
+relay has its state, and every TunnelAgent that holds a tunnel elsewhere (its status says so) holds
+one to every instance of this relay too, or `join_grace` seconds passed since the relay took its
+state. Until then the pod takes no public connection that it would have to make wait or refuse.
+Once ready it stays ready while the relay process is the same.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from atlax.control.client import ControlClient, ControlSocketError
 
 from . import GROUP, PLURAL, VERSION, kube
 from .claims import Claims, Holdings
-from .reports import AgentReport, RelayReport, ReportStore
+from .reports import REPORT_LABEL, AgentReport, RelayReport, ReportStore
 from .status import PortsReason, ports_text, service_keys
 
 log = logging.getLogger("atlax.operator")
@@ -50,6 +59,7 @@ class SyncConfig:
     count_replicas: bool = True  # False: one relay, no EndpointSlices (`atlax operator`)
     interval: float = 10.0  # read the API at least this often; heartbeat of the report
     poll: float = 1.0  # read the relay's live state this often
+    join_grace: float = 30.0  # serving readiness without the agents' tunnels after this long
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,7 @@ class Desired:
     existing: frozenset[str]  # every TunnelAgent not being deleted
     owners: Mapping[str, str]  # agent -> its owner name in the claims ("ns/name")
     replicas: int = 1
+    connected: frozenset[str] = frozenset()  # agents whose status says they hold a tunnel
 
     def may_keep(self, name: str, live: Mapping[str, Any]) -> bool:
         """An agent the relay holds but that is not to be pushed (yet) stays while it exists
@@ -109,6 +120,7 @@ def desired_state(
     granted to it on the Service."""
     specs: dict[str, dict[str, Any]] = {}
     owners: dict[str, str] = {}
+    connected: set[str] = set()
     for agent in agents:
         metadata = agent["metadata"]
         if metadata.get("deletionTimestamp"):
@@ -119,7 +131,36 @@ def desired_state(
         claims = Claims.of(agent.get("spec", {}).get("services", []))
         if body["services"] and body["pins"] and holds(holdings, owners[name], claims):
             specs[name] = body
-    return Desired(specs, holdings, frozenset(owners), owners, replicas)
+        if int(agent.get("status", {}).get("connectedInstances") or 0) > 0:
+            connected.add(name)
+    return Desired(specs, holdings, frozenset(owners), owners, replicas, frozenset(connected))
+
+
+def serving_readiness(
+    desired: Desired | None, report: RelayReport, waited: float, grace: float
+) -> tuple[bool, str]:
+    """Pure: whether this relay pod may take public connections, and why (not). `waited`:
+    seconds since its relay took its state."""
+    if desired is None or not report.ready:
+        return False, report.error or "the relay does not have its state yet"
+    missing = sorted(
+        name
+        for name in desired.specs
+        if name in desired.connected
+        and (report.agents.get(name) or AgentReport()).tunnels < report.instances
+    )
+    if not missing:
+        return True, "the relay has its state and every connected agent's tunnels"
+    if waited >= grace:
+        return True, f"waited {grace:g}s for the tunnels of {', '.join(missing)}"
+    return False, f"waiting for the tunnels of {', '.join(missing)}"
+
+
+def cluster_replicas(endpoints: Mapping[str, bool], ready_reports: set[str], pod: str) -> int:
+    """Pure: the relay pods to count (`endpoints`: pod name -> terminating): those not
+    terminating whose relay is ready, and this one."""
+    serving = {name for name, terminating in endpoints.items() if not terminating}
+    return len((serving & ready_reports) | {pod})
 
 
 def holds(holdings: Holdings, owner: str, claims: Claims) -> bool:
@@ -165,6 +206,8 @@ class _RelayMemory:
     pushed: dict[str, dict[str, Any]] = field(default_factory=dict)
     told: int | None = None  # replicas last told
     instances: int = 1
+    synced_at: float | None = None  # when it first had its state (monotonic)
+    serving: bool = False  # serving readiness reached (it stays)
 
 
 class RelaySync:
@@ -183,6 +226,7 @@ class RelaySync:
         self._refused: dict[str, tuple[PortsReason, str]] = {}
         self._wake = asyncio.Event()
         self.relay_ready = asyncio.Event()  # set once the relay answered and took its state
+        self.serving: tuple[bool, str] = (False, "not started")  # serving readiness, and why
 
     @property
     def relay_id(self) -> str | None:
@@ -249,6 +293,15 @@ class RelaySync:
                     label_selector=f"kubernetes.io/service-name={cfg.service_name}",
                 )
             )
+            stops.append(  # another relay's report: a pod that became ready, or stopped
+                kube.watch_in_background(
+                    "relay reports",
+                    wake,
+                    client.CoordinationV1Api().list_namespaced_lease,
+                    cfg.namespace,
+                    label_selector=f"{REPORT_LABEL}={cfg.service_name}",
+                )
+            )
         return stops
 
     # -- one pass ----------------------------------------------------------------------------
@@ -267,8 +320,27 @@ class RelaySync:
             report = RelayReport(self.config.pod, ready=False, error=str(exc))
         if report.ready:
             self.relay_ready.set()
+        self._judge_serving(report)
         await self._publish(report)
         return report
+
+    def _judge_serving(self, report: RelayReport) -> None:
+        memory = self._memory
+        if not report.ready:
+            self.serving = (False, report.error or "the relay is not ready")
+            return
+        if memory.serving:
+            return
+        now = time.monotonic()
+        if memory.synced_at is None:
+            memory.synced_at = now
+        ready, why = serving_readiness(
+            self._desired, report, now - memory.synced_at, self.config.join_grace
+        )
+        if ready:
+            memory.serving = True
+            log.info("ready to serve: %s", why)
+        self.serving = (ready, why)
 
     async def _read_desired(self) -> None:
         cfg = self.config
@@ -277,9 +349,9 @@ class RelaySync:
             holdings = await kube.holdings(cfg.namespace, cfg.service_name)
             replicas = 1
             if cfg.count_replicas:
-                replicas = len(
-                    await kube.ready_endpoints(cfg.namespace, cfg.service_name) | {cfg.pod}
-                )
+                endpoints = await kube.relay_endpoints(cfg.namespace, cfg.service_name)
+                ready = {r.pod for r in await self.reports.collect() if r.ready}
+                replicas = cluster_replicas(endpoints, ready, cfg.pod)
         except (
             ApiException,
             urllib3.exceptions.HTTPError,

@@ -23,13 +23,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
-{{- /* The host agents dial: relay.publicAddress, else the Service's name (in-cluster only). With a
+{{- /* The host agents dial: relay.publicAddress, else the agents Service's name (in-cluster only). With a
 NodePort Service, agents dial a node: its address is required. */ -}}
 {{- define "atlax.relayHost" -}}
 {{- if eq .Values.service.type "NodePort" -}}
 {{- required "relay.publicAddress is required with service.type=NodePort: the node address agents dial" .Values.relay.publicAddress -}}
 {{- else -}}
-{{- .Values.relay.publicAddress | default (printf "%s.%s.svc" (include "atlax.fullname" .) .Release.Namespace) -}}
+{{- .Values.relay.publicAddress | default (printf "%s-agents.%s.svc" (include "atlax.fullname" .) .Release.Namespace) -}}
 {{- end -}}
 {{- end -}}
 
@@ -114,6 +114,7 @@ seccompProfile:
 - --relay-address={{ $host }}:{{ include "atlax.relayPort" . }}
 - --relay-san={{ $host }}
 - --relay-san={{ $fullname }}.{{ .Release.Namespace }}.svc
+- --relay-san={{ $fullname }}-agents.{{ .Release.Namespace }}.svc
 {{- range .Values.relay.extraSANs }}
 - --relay-san={{ . }}
 {{- end }}
@@ -131,6 +132,8 @@ seccompProfile:
 - --pod-name=$(POD_NAME)
 - --pod-uid=$(POD_UID)
 - --service-name={{ include "atlax.fullname" . }}
-- --control-socket=/run/atlax/control/control.sock
+- --control-socket=/run/atlax/control/relay/control.sock
 - --interval={{ .Values.sync.interval }}
+- --health-port={{ .Values.sync.healthPort }}
+- --join-grace={{ .Values.sync.joinGrace }}
 {{- end -}}
