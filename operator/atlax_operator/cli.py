@@ -161,8 +161,9 @@ def register(sub: Any) -> None:
         help="the sidecar of a relay pod: its relay holds what the TunnelAgents say",
         description="Watch TunnelAgents, the relay Service and its EndpointSlices (read only); "
         "through --control-socket, give the relay every agent whose ports the controller granted "
-        "on the Service and revoke the others, tell it how many relay pods are ready, and publish "
-        "what it holds in Lease atlax-report-POD for the controller.",
+        "on the Service and revoke the others, tell it how many relay pods can take agents, and "
+        "publish what it holds in Lease atlax-report-POD for the controller. With --health-port, "
+        "/readyz says when the pod may take public connections.",
     )
     _common(s)
     s.add_argument(
