@@ -38,6 +38,8 @@ from conftest import ROOT, free_port, wait_for
 from controlplane import ControlPlane
 from test_chart import render
 
+from atlax.bench.harness import stable_port
+
 RELEASE = "atlax"  # the chart's fullname: Service, ServiceAccounts and Roles are named after it
 SERVICE = RELEASE
 LEASE = f"{RELEASE}-controller"
@@ -187,7 +189,10 @@ class RelayPod:
         self.ip = ip
         self.agent_port = agent_port
         self.metrics_port = metrics_port or free_port()
-        self.health_port = free_port()  # the sync's /readyz
+        # The sync's /readyz listens on every address, so a port any outgoing connection holds as
+        # its local port (the ephemeral range, busy under a rollout's load) makes it fail to start
+        # with 'Address already in use': one from below that range, free on the wildcard address.
+        self.health_port = stable_port("")
         self.terminating = False  # deleted: out of the EndpointSlice at once, as in Kubernetes
         self.dir = ns.dir / name
         (self.dir / "tls").mkdir(parents=True, exist_ok=True)
