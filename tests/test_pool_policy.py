@@ -242,3 +242,80 @@ def test_an_instance_lost_while_others_serve_is_sought_fast_however_short_its_tu
         p.duplicate(now)
         assert 0.2 <= delay(p, now) <= RESTART_BACKOFF_CAP
         now = p.next_dial_at()
+
+
+def steady(p: TunnelPoolPolicy, instances: tuple[int, ...], probes: int, now: float) -> float:
+    """`probes` probe dials of a whole pool, each landing on one of `instances` (held)."""
+    for i in range(probes):
+        now = p.next_dial_at()
+        assert p.verdict(instances[i % len(instances)], p.target, now) is Verdict.DUPLICATE
+        p.duplicate(now)
+        assert 24.0 <= delay(p, now) <= 36.0  # whole: probing pace
+    return now
+
+
+def fill_delays(p: TunnelPoolPolicy, held: int, dials: int, now: float) -> list[float]:
+    """`dials` dials that each land on an instance already held: the delays after each."""
+    delays = []
+    for _ in range(dials):
+        now = p.next_dial_at()
+        assert p.verdict(held, p.target, now) is Verdict.DUPLICATE
+        p.duplicate(now)
+        delays.append(delay(p, now))
+    return delays
+
+
+def test_a_larger_count_after_a_long_steady_state_is_filled_at_the_fill_pace() -> None:
+    """The finding behind kube-proxy: 2 instances held for hours (each probe a duplicate), then
+    a CLUSTER frame says 4. The next dials come at the fill pace, not one per probe_interval."""
+    p = policy()
+    join(p, A, 2, 0.0)
+    join(p, B, 2, 0.5)
+    now = steady(p, (A, B), 100, 0.5)  # > 8 x 4 duplicate probes: ~50 minutes at the target
+    p.cluster(A, 4, now + 1.0)
+    p.cluster(B, 4, now + 1.1)
+    assert p.target == 4 and 0.1 <= delay(p, now + 1.1) <= 0.3
+    c = CONFIG
+    delays = fill_delays(p, A, 10, now + 1.1)
+    for k, d in enumerate(delays):  # duplicates of this fill only: 1.25^k from the start
+        assert c.fill[0] * c.fill_growth ** (k + 1) <= d <= c.fill[1] * c.fill_growth ** (k + 1)
+    now = p.next_dial_at()
+    join(p, C, 4, now)
+    join(p, D, 4, now + 0.2)
+    assert p.held == 4 and 24.0 <= delay(p, now + 0.2) <= 36.0
+
+
+def test_a_target_raised_while_a_stale_count_is_probed_starts_a_new_bounded_fill() -> None:
+    """3 advertised, 2 exist: after 8 x 3 duplicates the agent probes (a stale count must not
+    make it hammer the load balancer). A count of 4 is news: the fill pace again, and again
+    probing after 8 x 4 duplicates."""
+    p = policy()
+    join(p, A, 3, 0.0)
+    join(p, B, 3, 0.2)
+    delays = fill_delays(p, A, 30, 0.2)
+    assert all(24.0 <= d <= 36.0 for d in delays[CONFIG.fill_patience * 3 :])
+    now = p.next_dial_at()
+    p.cluster(A, 4, now)
+    assert 0.1 <= delay(p, now) <= 0.3
+    delays = fill_delays(p, B, 40, now)
+    patience = CONFIG.fill_patience * 4
+    assert all(d <= CONFIG.fill_cap for d in delays[: patience - 1])
+    assert all(24.0 <= d <= 36.0 for d in delays[patience:])
+    now = p.next_dial_at()
+    p.cluster(B, 4, now)  # the same count again is no news: still probing
+    assert delay(p, now) >= 24.0
+
+
+def test_a_lost_tunnel_starts_the_fill_at_its_short_pace_after_a_long_steady_state() -> None:
+    """A pool of 2 probed for hours; the relay ends B's tunnel with an error (backoff), and the
+    dials that follow land on A: they come at the fill pace, not one per probe_interval."""
+    p = policy()
+    join(p, A, 2, 0.0)
+    join(p, B, 2, 0.5)
+    now = steady(p, (A, B), 100, 0.5)
+    p.lost(B, up_for=now, now=now + 1.0, refused=True)
+    assert delay(p, now + 1.0) <= CONFIG.backoff_initial  # the refusal: its backoff
+    delays = fill_delays(p, A, 5, now + 1.0)
+    c = CONFIG
+    for k, d in enumerate(delays):
+        assert c.fill[0] * c.fill_growth ** (k + 1) <= d <= c.fill[1] * c.fill_growth ** (k + 1)

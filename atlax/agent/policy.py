@@ -11,7 +11,9 @@ policy below is tested without sockets or sleeping (tests/test_pool_policy.py).
   instance is joined while fewer than the target are held.
 - Dial pace: while below the target, a short jittered delay that grows with each duplicate in a row
   (they are not failures), up to 5 s, and after many in a row (the target is probably stale) one
-  probe every `probe_interval`, as at the target.
+  probe every `probe_interval`, as at the target. Only the duplicates of the current fill count:
+  the probes of a whole pool do not (they are expected), and the count starts again whenever there
+  is news: a newly joined instance, a larger target, a lost tunnel, a renewal.
   Within `fast_retry_window` of losing a healthy tunnel the pace stays short instead (its instance,
   or the one replacing it, must be found before public connections to it give up waiting).
 - Failures: exponential backoff with full jitter, except that right after losing a tunnel that had
@@ -88,7 +90,7 @@ class TunnelPoolPolicy:
         self._held: dict[Instance, _Held] = {}
         self._target = 1
         self._failures = 0  # failed dials in a row
-        self._duplicates = 0  # duplicate dials in a row
+        self._duplicates = 0  # duplicate dials in a row while filling (see `duplicate`)
         self._lost_at: float | None = None  # when a healthy tunnel was last lost
         self._next_dial = self.now
 
@@ -142,9 +144,15 @@ class TunnelPoolPolicy:
         self._schedule(now)
 
     def duplicate(self, now: float) -> None:
-        """The tunnel was closed as a duplicate (or one too many)."""
+        """The tunnel was closed as a duplicate (or one too many).
+
+        Duplicates slow the fill only while nothing changes: a probe of a whole pool is expected
+        to find a held instance and is not counted (a count that grew through hours of probing
+        would slow the next fill to `probe_interval`); a join, a larger target, a loss and a
+        renewal start the count again."""
         self._failures = 0
-        self._duplicates += 1
+        if self._filling():
+            self._duplicates += 1
         self._schedule(now)
 
     def dial_failed(self, failure: Failure, now: float) -> None:
@@ -173,6 +181,7 @@ class TunnelPoolPolicy:
         pod): it, or its successor, is back in seconds however briefly the tunnel was up."""
         if self._held.pop(instance, None) is None:
             return
+        self._duplicates = 0  # an instance is missing now: the fill starts at its short pace
         if refused:
             self.dial_failed(Failure.REFUSED, now)
         elif going_away or up_for >= self.config.healthy_after or self._held:
@@ -205,6 +214,7 @@ class TunnelPoolPolicy:
         """Certificate files changed: every held tunnel is to be replaced, one dial at a time."""
         for held in self._held.values():
             held.retiring = True
+        self._duplicates = 0
         self._next_dial = now
 
     def stale(self, now: float) -> list[Instance]:
@@ -222,7 +232,10 @@ class TunnelPoolPolicy:
     # -- internals ---------------------------------------------------------------------------
 
     def _set_target(self, size: int, now: float) -> None:
-        self._target = max(1, min(size, self.config.max_tunnels, MAX_CLUSTER_SIZE))
+        target = max(1, min(size, self.config.max_tunnels, MAX_CLUSTER_SIZE))
+        if target > self._target:  # news (a scale-up): the duplicates so far say nothing of it
+            self._duplicates = 0
+        self._target = target
         self._refresh(now)
 
     def _refresh(self, now: float) -> None:
@@ -233,10 +246,13 @@ class TunnelPoolPolicy:
             else:
                 held.larger_since = None
 
+    def _filling(self) -> bool:
+        """Dialling for an instance the pool lacks (below the target, or renewing)."""
+        return len(self._held) < self._target or any(h.retiring for h in self._held.values())
+
     def _schedule(self, now: float) -> None:
         c = self.config
-        retiring = any(h.retiring for h in self._held.values())
-        if retiring or len(self._held) < self._target:
+        if self._filling():
             if self._fast(now):  # an instance was lost a moment ago: find its successor soon
                 self._next_dial = now + self._fast_delay()
                 return
