@@ -9,9 +9,9 @@ policy below is tested without sockets or sleeping (tests/test_pool_policy.py).
 - A tunnel to an instance already held is a duplicate (closed before it carries a stream), unless
   the held one is retiring (certificate renewal: the new one replaces it, make before break). A new
   instance is joined while fewer than the target are held.
-- Dial pace: while below the target, a short jittered delay that grows with each duplicate in a row
-  (they are not failures), up to 5 s, and after many in a row (the target is probably stale) one
-  probe every `probe_interval`, as at the target. Only the duplicates of the current fill count:
+- Dial pace: while below the target, a short jittered delay that grows with the duplicates in a row
+  (they are not failures; it doubles every `target` of them), up to 5 s, and after many in a row
+  (the target is probably stale) one probe every `probe_interval`, as at the target. Only the duplicates of the current fill count:
   the probes of a whole pool do not (they are expected), and the count starts again whenever there
   is news: a newly joined instance, a larger target, a lost tunnel, a renewal.
   Within `fast_retry_window` of losing a healthy tunnel the pace stays short instead (its instance,
@@ -64,7 +64,7 @@ class PoolConfig:
     fast_retry: tuple[float, float] = (0.2, RESTART_BACKOFF_CAP)  # between fast retries
     first_retry: float = 0.5  # the first dial after a loss: uniform 0 .. this
     fill: tuple[float, float] = (0.1, 0.3)  # below the target: the first delay (uniform) ...
-    fill_growth: float = 1.25  # ... times this for each duplicate in a row ...
+    fill_growth: float = 2.0  # ... times this for each `target` duplicates in a row ...
     fill_cap: float = 5.0  # ... up to this ...
     fill_patience: int = 8  # ... for this many duplicates in a row per instance of the target;
     # beyond, the target is probably stale (a count nobody updated): one probe per probe_interval
@@ -260,7 +260,11 @@ class TunnelPoolPolicy:
                 self._next_dial = now + self._probe_delay()
                 return
             first = self.rng.uniform(*c.fill)
-            grown = first * c.fill_growth**self._duplicates
+            # Per instance of the target, like the patience: a random balancer needs about
+            # `target` dials to reach the one instance missing, so a larger cluster is not
+            # slowed sooner (1.25 per duplicate for every target left 2 % of fills of 6 from
+            # 4 above a minute, behind a random balancer).
+            grown = first * c.fill_growth ** (self._duplicates / self._target)
             self._next_dial = now + min(c.fill_cap, c.probe_interval, grown)
         elif None in self._held:
             self._next_dial = math.inf  # a relay without instances: nothing to probe for
