@@ -11,9 +11,10 @@ policy below is tested without sockets or sleeping (tests/test_pool_policy.py).
   instance is joined while fewer than the target are held.
 - Dial pace: while below the target, a short jittered delay that grows with the duplicates in a row
   (they are not failures; it doubles every `target` of them), up to 5 s, and after many in a row
-  (the target is probably stale) one probe every `probe_interval`, as at the target. Only the duplicates of the current fill count:
-  the probes of a whole pool do not (they are expected), and the count starts again whenever there
-  is news: a newly joined instance, a larger target, a lost tunnel, a renewal.
+  (the target is probably stale) one probe every `probe_interval`, as at the target. Only the
+  duplicates of the current fill count: the probes of a whole pool do not (they are expected), and
+  the count starts again whenever there is news: a newly joined instance, a larger target, a lost
+  tunnel, a renewal.
   Within `fast_retry_window` of losing a healthy tunnel the pace stays short instead (its instance,
   or the one replacing it, must be found before public connections to it give up waiting).
 - Failures: exponential backoff with full jitter, except that right after losing a tunnel that had
