@@ -330,6 +330,9 @@ class AgentSettings(_Keepalive):
     backoff_initial: float = Field(strict=True, default=0.5, gt=0)
     backoff_cap: float = Field(strict=True, default=30.0, gt=0)
     connect_timeout: float = Field(strict=True, default=3.0, gt=0)  # TCP connect and TLS handshake
+    # Connecting to a local service, its name resolved too: longer than the relay's, since a
+    # lost DNS packet costs glibc's 5 s retry and nothing else can serve that stream.
+    service_connect_timeout: float = Field(strict=True, default=10.0, gt=0)
     # Look for new relay instances this often; tunnels to distinct instances at most.
     probe_interval: float = Field(strict=True, default=30.0, gt=0)
     max_tunnels: int = Field(strict=True, default=16, ge=1, le=1024)

@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import socket
 import ssl
+import threading
+import time
 
 import anyio
 import pytest
@@ -495,3 +498,48 @@ async def test_mux_session_over_plain_tcp_is_transport_agnostic() -> None:
         assert servers[0].end is not None and servers[0].end.reason is EndReason.PEER_GOAWAY
         public.close()
         tunnel.close()
+
+
+async def test_a_slow_local_service_gets_longer_than_the_relay_dial(pki: Pki) -> None:
+    """Connecting to a local service may take longer than the 3 s the agent gives the relay: a
+    lost DNS answer costs glibc a 5 s retry, and no other path can serve that stream. A service
+    whose accept queue stays full for 4 s completes our connect only then: served (it was reset
+    after 3 s), with the relay's dial at its default."""
+    port = free_port()
+    settings = relay_settings(pki)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # room for one connection not yet accepted
+    service = HostPort("127.0.0.1", listener.getsockname()[1])
+    plug = socket.create_connection(
+        (service.host, service.port)
+    )  # fills that room: SYNs are dropped
+
+    def serve() -> None:
+        time.sleep(4.0)  # longer than the relay's connect_timeout
+        first, _ = listener.accept()
+        first.close()
+        plug.close()
+        listener.settimeout(20)
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(hashlib.sha256(conn.recv(64)).digest())
+
+    server = threading.Thread(target=serve, daemon=True)
+    try:
+        async with (
+            running_relay(Relay(settings, [spec("home-nas", web=port)])),
+            running_agent(
+                Agent(agent_settings(pki, settings, connect_timeout=3.0), {"web": service})
+            ),
+        ):
+            server.start()
+            with anyio.fail_after(30):
+                async with await anyio.connect_tcp("127.0.0.1", port) as conn:
+                    await conn.send(b"slow service")
+                    answer = await conn.receive()
+            assert answer == hashlib.sha256(b"slow service").digest()
+    finally:
+        server.join(30)
+        plug.close()
+        listener.close()

@@ -44,7 +44,7 @@ class Agent:
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
-        self._services = Services(services, settings.connect_timeout)
+        self._services = Services(services, settings.service_connect_timeout)
         self.services = self._services.targets  # by name; tests may change them
         self.cert_check_interval = cert_check_interval or settings.cert_check_interval
         self._rng = rng or random.Random()
