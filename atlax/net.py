@@ -66,10 +66,13 @@ async def listen_sockets(
             if listen and not udp:
                 start_listening(sock)
             sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         for sock in sockets:
             sock.close()
-        raise
+        # The errno's own subclass (PermissionError, ...), with the address in its text: a
+        # user reading "Address already in use" needs to know which of the relay's ports.
+        where = format_address((host, port)) + ("/udp" if udp else "")
+        raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from None
     return sockets
 
 

@@ -436,6 +436,26 @@ def test_port_in_use_is_a_clear_error(pki: Pki, tmp_path: Path) -> None:
     assert_one_line_error(result, "Address already in use")
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("held", ["agent port", "metrics port"])
+def test_a_relay_port_in_use_is_named(pki: Pki, tmp_path: Path, held: str, workers: str) -> None:
+    """The agent port or the metrics port held by another process: one line naming the address
+    (it said only "Address already in use"), and with --workers the supervisor stops at once
+    instead of restarting workers that can never listen."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        agent_port = port if held == "agent port" else free_port()
+        extra = f'metrics = "127.0.0.1:{port}"' if held == "metrics port" else ""
+        config = _relay_toml(tmp_path, pki, agent_port, free_port(), extra)
+        result = run("relay", "--config", str(config), "--workers", workers, timeout=60)
+    assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}: Address already in use")
+
+
 @pytest.fixture(autouse=True)
 def _no_uvloop_surprises() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

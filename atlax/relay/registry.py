@@ -422,11 +422,8 @@ class AgentRegistry:
                 "net.ipv4.ip_unprivileged_port_start at or below the port, or "
                 "CAP_NET_BIND_SERVICE (Helm: relay.allowPrivilegedPorts=true)",
             ) from None
-        except OSError as exc:
-            where = f"{host}:{key.port}" + ("/udp" if key.protocol == "udp" else "")
-            raise PortConflictError(
-                key.port, f"cannot listen on {where}: {describe(exc)}"
-            ) from None
+        except OSError as exc:  # its text names the address
+            raise PortConflictError(key.port, describe(exc)) from None
 
 
 def _unprivileged_port_start() -> int:

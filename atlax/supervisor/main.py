@@ -101,7 +101,7 @@ class Supervisor:
         )
         self.control: ControlServer | None = None
         self.listen_port = s.listen.port
-        self._reserved: socket.socket | None = None
+        self._reserved: list[socket.socket] = []
         self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -111,8 +111,7 @@ class Supervisor:
     ) -> None:
         s = self.settings
         try:
-            if self.listen_port == 0:
-                self._reserve_agent_port()
+            await self._reserve_agent_port()
             async with anyio.create_task_group() as tg:
                 if s.metrics is not None:
                     socks = await listen_sockets(s.metrics.host, s.metrics.port)
@@ -133,8 +132,8 @@ class Supervisor:
                 await tg.start(self.workers.run)
                 task_status.started()
         finally:
-            if self._reserved is not None:
-                self._reserved.close()
+            for sock in self._reserved:
+                sock.close()
             shutil.rmtree(self.runtime, ignore_errors=True)
 
     async def shutdown(self) -> bool:
@@ -154,17 +153,15 @@ class Supervisor:
 
     # -- workers -----------------------------------------------------------------------------
 
-    def _reserve_agent_port(self) -> None:
-        """Port 0: pick one now and keep it (bound, not listening, SO_REUSEPORT) so that every
-        worker, restarted ones too, shares the same port."""
+    async def _reserve_agent_port(self) -> None:
+        """Take the agent port now and keep it (bound, not listening, SO_REUSEPORT) so that
+        every worker, restarted ones too, shares it: port 0 picks one, and a port another
+        process holds is an error here, not workers that fail and are restarted forever."""
         s = self.settings
-        family = socket.AF_INET6 if ":" in s.listen.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((s.listen.host, 0))
-        self._reserved = sock
-        self.listen_port = int(sock.getsockname()[1])
+        self._reserved = await listen_sockets(
+            s.listen.host, s.listen.port, reuse_port=True, listen=False
+        )
+        self.listen_port = local_address(self._reserved[0])[1]
 
     def _command(self, worker: Worker) -> list[str]:
         spec = WorkerSpec(
