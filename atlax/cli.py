@@ -395,6 +395,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
         from .relay import PortConflictError
 
         errors.append(PortConflictError)
+    if "atlax.supervisor.workers" in sys.modules:
+        from .supervisor.workers import WorkerStartError
+
+        errors.append(WorkerStartError)
     try:
         from atlax_operator.cli import OperatorError
 

@@ -456,6 +456,25 @@ def test_a_relay_port_in_use_is_named(pki: Pki, tmp_path: Path, held: str, worke
     assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}: Address already in use")
 
 
+def test_a_public_port_in_use_under_workers_ends_the_supervisor(pki: Pki, tmp_path: Path) -> None:
+    """relay.toml's public port held by another process, --workers 2: the workers' error and
+    the supervisor's, then exit 1 (it restarted the workers forever, never ready)."""
+    import socket
+
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        config = _relay_toml(tmp_path, pki, free_port(), port)
+        result = run("relay", "--config", str(config), "--workers", "2", timeout=90)
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("atlax: error: ")]
+    assert f"atlax: error: cannot listen on 127.0.0.1:{port}: Address already in use" in errors
+    assert "before it was ready" in errors[-1], result.stderr
+
+
 @pytest.fixture(autouse=True)
 def _no_uvloop_surprises() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from atlax.relay.instance import new_instance_id
-from atlax.supervisor.workers import Worker, WorkerSet
+from atlax.supervisor.workers import Worker, WorkerSet, WorkerStartError
 
 pytestmark = pytest.mark.anyio
 
@@ -146,3 +146,19 @@ async def test_a_stop_during_the_restart_backoff_ends_at_once(tmp_path: Path) ->
         with anyio.fail_after(10):
             await workers.stop(kill_after=5)
     assert workers.workers[0].restarts == 0
+
+
+async def test_a_worker_that_fails_at_its_first_start_ends_the_set(tmp_path: Path) -> None:
+    """A worker that exits with an error before it was ever ready (a public port of relay.toml
+    taken, a bad certificate) would fail the same way every time: `run` ends with an error that
+    names it, at once (the sync no longer waits out its timeout for a dead process), instead of
+    restarting it forever."""
+
+    def failing(worker: Worker) -> list[str]:
+        return [sys.executable, "-c", "import sys; sys.exit(1)"]
+
+    workers = WorkerSet(2, tmp_path, failing, Syncs(tmp_path), sync_timeout=120)
+    with anyio.fail_after(60), pytest.raises(WorkerStartError) as failed:
+        await workers.run()
+    assert "exited (status 1) before it was ready" in str(failed.value)
+    assert all(w.restarts == 0 for w in workers.workers)

@@ -39,6 +39,7 @@ class Worker:
     process: anyio.abc.Process | None = None
     started_at: float = 0.0
     ready: bool = False
+    was_ready: bool = False  # ever, in this slot
     restarts: int = 0
     backoff: float = RESTART_INITIAL
     exited: anyio.Event = field(default_factory=anyio.Event)
@@ -50,6 +51,11 @@ class Worker:
     @property
     def name(self) -> str:
         return f"worker {self.index} (instance {self.instance:08x})"
+
+
+class WorkerStartError(Exception):
+    """A worker exited with an error before it was ever ready: its configuration cannot work
+    (a public port taken, a certificate it cannot load), and starting it again would not help."""
 
 
 Command = Callable[[Worker], list[str]]
@@ -91,13 +97,21 @@ class WorkerSet:
     ) -> None:
         """Start every worker, report started once all are synced, keep them running until
         `stop()`; returns when every worker has exited."""
-        async with anyio.create_task_group() as tg:
-            started = [anyio.Event() for _ in self.workers]
-            for worker, event in zip(self.workers, started, strict=True):
-                tg.start_soon(self._keep, worker, event)
-            for event in started:
-                await event.wait()
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                started = [anyio.Event() for _ in self.workers]
+                for worker, event in zip(self.workers, started, strict=True):
+                    tg.start_soon(self._keep, worker, event)
+                for event in started:
+                    await event.wait()
+                task_status.started()
+        except Exception as exc:  # a WorkerStartError: the others go too (they drain)
+            for worker in self.workers:
+                _signal(worker, signal.SIGTERM)
+            failed = exc.subgroup(WorkerStartError) if isinstance(exc, ExceptionGroup) else None
+            if failed is not None and isinstance(failed.exceptions[0], WorkerStartError):
+                raise failed.exceptions[0] from None  # one line, not one per worker
+            raise
 
     async def stop(self, kill_after: float) -> bool:
         """SIGTERM to every worker, wait for all; True if none had to be killed."""
@@ -133,6 +147,11 @@ class WorkerSet:
             if self.stopping:
                 log.info("%s exited (%s)", worker.name, _status(code))
                 return
+            if code > 0 and worker.restarts == 0 and not worker.was_ready:
+                raise WorkerStartError(
+                    f"relay {worker.name} exited ({_status(code)}) before it was ready "
+                    "(its error is above); not starting it again"
+                )
             up = anyio.current_time() - worker.started_at
             if up >= self.stable_after:
                 worker.backoff = self.restart_initial
@@ -163,7 +182,7 @@ class WorkerSet:
         log.info("%s started, pid %d", worker.name, worker.process.pid)
         try:
             with anyio.fail_after(self.sync_timeout):
-                await self.sync(worker)
+                await self._sync_while_running(worker)
         except Exception as exc:  # the worker never became usable: kill it, the loop restarts it
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
             log.error("%s could not be given its state (%s); killing it", worker.name, reason)
@@ -173,7 +192,23 @@ class WorkerSet:
             self._set_ready(worker, True)
             log.info("%s ready", worker.name)
 
+    async def _sync_while_running(self, worker: Worker) -> None:
+        """The sync, given up as soon as the worker's process has exited (the caller's loop
+        then sees its exit status)."""
+        process = worker.process
+        assert process is not None
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                await process.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            await self.sync(worker)
+            tg.cancel_scope.cancel()
+
     def _set_ready(self, worker: Worker, ready: bool) -> None:
+        worker.was_ready = worker.was_ready or ready
         if worker.ready != ready:
             worker.ready = ready
             self.changed.set()
