@@ -75,6 +75,8 @@ def parse_host_port(
 def _host_port(value: Any) -> Any:
     if isinstance(value, str):
         return parse_host_port(value)
+    if not isinstance(value, HostPort):
+        raise ValueError('expected a string like "HOST:PORT"')
     return value
 
 
@@ -107,6 +109,8 @@ def parse_service_target(text: str) -> ServiceTarget:
 def _service_target(value: Any) -> Any:
     if isinstance(value, str):
         return parse_service_target(value)
+    if not isinstance(value, ServiceTarget):
+        raise ValueError('expected a string like "HOST:PORT" or "HOST:PORT/udp"')
     return value
 
 
@@ -381,6 +385,8 @@ def _one_line(source: str, exc: ValidationError) -> ConfigError:
         message = "unknown key"
     elif err["type"] == "missing":
         message = "required key is missing"
+    elif err["type"] == "path_type":
+        message = "expected a file path (a string)"
     elif err["type"] == "string_pattern_mismatch":
         message = f"{err.get('input')!r} has characters that are not allowed"
     more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""

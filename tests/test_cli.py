@@ -275,6 +275,36 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], fragment: 
     assert_one_line_error(run(*args, cwd=tmp_path), fragment)
 
 
+@pytest.mark.parametrize(
+    ("command", "line", "fragment"),
+    [
+        ("relay", "listen = 7443", 'relay.listen: expected a string like "HOST:PORT"'),
+        ("relay", "metrics = 9100", 'relay.metrics: expected a string like "HOST:PORT"'),
+        ("relay", "ca = 5", "relay.ca: expected a file path (a string)"),
+        ("relay", "control_socket = true", "relay.control_socket: expected a file path"),
+        ("agent", "relay = 7443", 'agent.relay: expected a string like "HOST:PORT"'),
+        ("agent", "cert = []", "agent.cert: expected a file path (a string)"),
+        ("agent", "web = 8080", 'services.web: expected a string like "HOST:PORT"'),
+    ],
+)
+def test_a_value_of_the_wrong_type_in_a_config_file_says_what_is_expected(
+    tmp_path: Path, command: str, line: str, fragment: str
+) -> None:
+    """Not pydantic's "Input should be ... an instance of HostPort" or "valid path for
+    <class 'pathlib.Path'>": the user never wrote a HostPort."""
+    key, value = line.split(" = ")
+    table = {"listen": '"127.0.0.1:7443"'} if command == "relay" else {"relay": '"r:1"'}
+    table |= {"ca": '"ca.crt"', "cert": '"c.crt"', "key": '"c.key"'}
+    services = {"web": '"127.0.0.1:80"'}
+    (services if key == "web" else table)[key] = value
+    text = f"[{command}]\n" + "".join(f"{k} = {v}\n" for k, v in table.items())
+    if command == "agent":
+        text += "[services]\n" + "".join(f"{k} = {v}\n" for k, v in services.items())
+    config = tmp_path / "x.toml"
+    config.write_text(text)
+    assert_one_line_error(run(command, "--config", str(config)), fragment)
+
+
 def _relay_toml(tmp: Path, pki: Pki, listen: int, web: int, extra: str = "") -> Path:
     path = tmp / "relay.toml"
     path.write_text(
