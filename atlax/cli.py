@@ -75,6 +75,10 @@ def cmd_relay(args: argparse.Namespace) -> int:
             "with a control socket, agents come from the control API only"
         )
     workers = config.relay.workers if args.workers is None else args.workers
+    # --workers wins over the file, in what the relay counts and advertises (cluster size) too.
+    config = config.model_copy(
+        update={"relay": config.relay.model_copy(update={"workers": workers})}
+    )
     if args.worker:  # started by a supervisor (not in --help)
         from .relay_main import RelayMain, WorkerSpec, die_with_supervisor
 

@@ -505,6 +505,41 @@ def test_a_public_port_in_use_under_workers_ends_the_supervisor(pki: Pki, tmp_pa
     assert "before it was ready" in errors[-1], result.stderr
 
 
+def test_workers_flag_overrides_the_file_in_what_the_relay_advertises(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """relay.toml says `workers = 3`, the command line `--workers 1`: one relay process runs,
+    and it must count itself as one (it advertised a cluster of 3 to its agents, which then
+    looked for two instances that do not exist)."""
+    sock = tmp_path / "run" / "control.sock"
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[relay]\nlisten = "127.0.0.1:{free_port()}"\nca = "{pki.ca}"\n'
+        f'cert = "{pki.relay_crt}"\nkey = "{pki.relay_key}"\npublic_host = "127.0.0.1"\n'
+        f'control_socket = "{sock}"\nworkers = 3\n'
+    )
+    relay = subprocess.Popen(
+        [*ATLAX, "relay", "--config", str(config), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        cluster = None
+        for _ in range(300):
+            assert relay.poll() is None
+            cluster = run("relayctl", "--socket", str(sock), "cluster")
+            if cluster.returncode == 0:
+                break
+            import time
+
+            time.sleep(0.1)
+        assert cluster is not None and cluster.returncode == 0, cluster
+        assert '"workers": 1,' in cluster.stdout and '"size": 1,' in cluster.stdout, cluster
+    finally:
+        relay.terminate()
+        relay.wait(timeout=60)
+
+
 @pytest.fixture(autouse=True)
 def _no_uvloop_surprises() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
