@@ -354,3 +354,25 @@ async def test_removing_the_agent_closes_its_udp_port_and_flows(
                     again.bind(("127.0.0.1", port))  # the port is free again
         tg.cancel_scope.cancel()
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_a_draining_relay_ends_its_udp_flows_instead_of_waiting_for_them(pki: Pki) -> None:
+    """SIGTERM closes a UDP port's socket: its flows can neither receive nor answer any more, so
+    they end at once (the agent closes its sockets) and the drain is over when the TCP streams
+    are. It waited for them until drain_timeout: every relay that had answered a DNS query in the
+    last minute took the whole drain_timeout to stop."""
+    echo = EchoService()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(echo.serve)
+        target = ServiceTarget("127.0.0.1", echo.port, "udp")
+        async with udp_tunnel(pki, target, udp_idle_timeout=600.0) as (relay, agent, port):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.settimeout(10)
+                client.sendto(b"one", ("127.0.0.1", port))
+                assert await anyio.to_thread.run_sync(client.recv, 100) == b"one"
+                session = agent.session
+                assert session is not None and session.active_streams == 1
+                with anyio.fail_after(120):  # far below the grace: the drain did not wait it out
+                    await relay.shutdown(grace=600.0)
+                await wait_until(lambda: session.active_streams == 0, 10, "the agent's flow to end")
+        tg.cancel_scope.cancel()

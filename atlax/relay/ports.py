@@ -194,6 +194,9 @@ class PublicPorts:
     async def stop_accepting(self, public: PublicPort) -> None:
         """No new clients (the relay drains): the ones already queued are still served."""
         if public.key.protocol != "tcp":
+            # Its socket closes, so its flows could neither receive nor answer: they end now
+            # (the UDP port's serve closes them), and the drain does not wait them out.
+            public.scope.cancel()
             public.stop_listening()
             return
 
