@@ -110,7 +110,12 @@ def run(args: argparse.Namespace) -> int:
     command = args.relayctl_command
     if command == "put":
         if args.json_file:
-            text = sys.stdin.read() if args.json_file == "-" else Path(args.json_file).read_text()
+            try:
+                text = (
+                    sys.stdin.read() if args.json_file == "-" else Path(args.json_file).read_text()
+                )
+            except OSError as exc:
+                raise ValueError(f"cannot read {args.json_file}: {exc.strerror}") from None
             try:
                 body = json.loads(text)
             except ValueError as exc:

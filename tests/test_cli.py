@@ -226,6 +226,10 @@ def test_ca_and_certificates_from_the_command_line(tmp_path: Path) -> None:
             "expected NAME=HOST:PORT",
         ),
         (["relayctl", "--socket", "no.sock", "list"], "cannot reach control socket no.sock"),
+        (
+            ["relayctl", "--socket", "no.sock", "put", "x", "--json", "missing.json"],
+            "cannot read missing.json: No such file or directory",
+        ),
         (["relayctl", "--socket", "no.sock", "put", "x", "--service", "web"], "expected NAME=PORT"),
         (
             ["relayctl", "--socket", "no.sock", "put", "x", "--service", "web=443/tls"],
