@@ -158,3 +158,19 @@ def test_refusal_responses() -> None:
     assert head.split(b"\r\n")[0] == b"HTTP/1.1 421 Misdirected Request"
     assert b"Connection: close" in head and f"Content-Length: {len(body)}".encode() in head
     assert body == b"no service for host 'x.example' here\n"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /" + b"\x01" * 8000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nBad header " + b"x" * 8000 + b"\r\n\r\n",
+    ],
+)
+def test_a_malformed_head_is_described_without_echoing_it(head: bytes) -> None:
+    """The reason goes into the relay's log: h11 quotes the offending line (up to 16 KiB of the
+    client's bytes, as a bytearray repr); the log line names what was wrong, briefly."""
+    error = read(head)
+    assert isinstance(error, SniffError) and error.failure is SniffFailure.MALFORMED
+    assert "bytearray" not in str(error) and "xxxx" not in str(error), str(error)
+    assert len(str(error)) < 200

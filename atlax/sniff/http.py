@@ -78,7 +78,9 @@ class RequestHeadReader:
                 raise self._too_large() from None
             if not self._started_like_http:
                 raise SniffError(SniffFailure.NOT_HTTP, "not an HTTP request") from None
-            raise SniffError(SniffFailure.MALFORMED, f"malformed HTTP request: {exc}") from None
+            raise SniffError(
+                SniffFailure.MALFORMED, f"malformed HTTP request: {_brief(exc)}"
+            ) from None
         if event is h11.NEED_DATA:
             if self._seen >= self.max_size:
                 raise self._too_large()
@@ -130,3 +132,10 @@ def http_response(status: int, text: str) -> bytes:
         "Connection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+def _brief(exc: h11.RemoteProtocolError) -> str:
+    """h11's reason without the line it quotes ("illegal header line: bytearray(b'...')"): that
+    is up to 16 KiB of the client's bytes, and the reason goes into the relay's log."""
+    text = str(exc).split(": bytearray(", 1)[0].split(": b'", 1)[0]
+    return text if len(text) <= 100 else text[:100] + "..."
