@@ -619,3 +619,24 @@ def test_the_charts_relay_toml_is_what_the_relay_reads(tmp_path: Path) -> None:
     assert relay.max_handshakes == values["maxHandshakes"]
     assert relay.max_public_connections == values["maxPublicConnections"]
     assert str(relay.control_socket) == "/run/atlax/control/relay/control.sock"
+
+
+def test_the_relay_containers_memory_limit_holds_every_worker_at_its_limits() -> None:
+    """Each worker of a relay pod applies every limit of relay.toml on its own (an agent holds a
+    tunnel to each of them): the container's limit covers the worst case of them all (the
+    per-process figures of docs/security.md)."""
+    mib = 1024 * 1024
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render()}
+    pod = docs[("Deployment", "atlax")]["spec"]["template"]["spec"]
+    relay = next(c for c in pod["containers"] if c["name"] == "relay")
+    limit = relay["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi"), limit
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["relay"]
+    per_worker = (
+        45 * mib
+        + values["maxBufferedBytes"]
+        + values["maxHandshakes"] * 80 * 1024
+        + values["maxPublicConnections"] * 2560
+        + values["maxAgents"] * 2.3 * mib
+    )
+    assert values["workers"] * per_worker <= int(limit[:-2]) * 1024 * mib
