@@ -320,6 +320,16 @@ def _relay_toml(tmp: Path, pki: Pki, listen: int, web: int, extra: str = "") -> 
     return path
 
 
+async def _refused(port: int) -> bool:
+    """Whether a connect to 127.0.0.1:port is refused now (a connection made is closed again)."""
+    try:
+        conn = await anyio.connect_tcp("127.0.0.1", port)
+    except OSError:
+        return True
+    await conn.aclose()
+    return False
+
+
 def _start_relay(config: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*ATLAX, "relay", "--config", str(config)],
@@ -371,8 +381,12 @@ async def test_sigterm_drains_open_streams_then_exits_zero(pki: Pki, tmp_path: P
                     await client.send(b"open before SIGTERM")
                     assert await client.receive() == b"open before SIGTERM"
                     relay.send_signal(signal.SIGTERM)
-                    await anyio.sleep(0.5)
-                    # The open stream still works during the grace period ...
+                    # Once the relay has taken the signal it lets no new client in (a loaded
+                    # machine may take a while to deliver it: wait for that, not for a time) ...
+                    with anyio.fail_after(15):
+                        while not await _refused(web):
+                            await anyio.sleep(0.05)
+                    # ... while the open stream still works during the grace period ...
                     await client.send(b"still flowing")
                     assert await client.receive() == b"still flowing"
                     # ... and new clients are no longer accepted.
