@@ -31,10 +31,11 @@ E2E_HOME_NS=${E2E_HOME_NS:-home}
 E2E_AGENT=${E2E_AGENT:-home-nas}
 E2E_AGENT_NODE_PORT=${E2E_AGENT_NODE_PORT:-30443}
 E2E_REPLICAS=${E2E_REPLICAS:-2}
-# 1 worker a pod, not the chart's 2: with 2, two runs on this machine each lost one connection in
-# the rollout step, when the agent's connect to its echo service (DNS name, 3 s timeout) timed out
-# right after the controller leader's pod was deleted; the agent's tunnels were all there (the pool
-# filled 4 -> 6 in 3-14 s). Not understood yet, so not the default here.
+# 1 worker a pod, not the chart's 2, to keep the test command's time down (191-221 s; 247-268 s
+# with 2). E2E_WORKERS=2 passes too (two runs: 0 failed in every step) since the agent gives a
+# local service its own connect timeout (service_connect_timeout, 10 s): before, with 2 workers,
+# two runs each lost one connection when the agent's connect to its echo service (DNS name, then
+# 3 s) timed out during the rollout.
 E2E_WORKERS=${E2E_WORKERS:-1}
 HELM=${HELM:-helm}
 KUBECTL=${KUBECTL:-kubectl}
