@@ -21,7 +21,7 @@ from atlax.metrics import RelayMetrics
 from atlax.protocol import ErrorCode, Origin
 from atlax.protocol.frames import FrameDecoder, FrameType
 from atlax.relay import HandshakeFailure, Refusal, Relay
-from atlax.relay.ports import limits, make_room, refusal
+from atlax.relay.policy import limits, make_room, refusal
 from atlax.relay.registry import AgentState, PortBinding
 
 pytestmark = pytest.mark.anyio

@@ -1,7 +1,8 @@
 """The relay: agents dial in over mutual TLS, public ports are joined to their streams.
 
 registry.py   agents, public ports and the services that share them, apply/remove, snapshots
-ports.py      public TCP ports: accept, the refusal policy, join a client to a stream
+ports.py      public TCP ports: accept, hold, join a client to a stream
+policy.py     the refusal and eviction policy: who is refused or evicted, and why
 routing.py    ports shared by hostname: read the ClientHello or Host, pick the service
 udp.py        public UDP ports: a flow per client address, over a datagram stream
 admission.py  the agent port: handshake, identity check, replacement
@@ -13,7 +14,7 @@ observer.py   what the relay reports (the metrics implement it)
 from .admission import TUNNEL_SETTINGS, HandshakeFailure
 from .instance import Instance, new_instance_id
 from .observer import ByteCounter, RelayObserver
-from .ports import Eviction, Refusal
+from .policy import Eviction, Refusal
 from .registry import AgentRegistry, PortConflictError, PortNotPermittedError
 from .server import Relay
 from .udp import DatagramDrop

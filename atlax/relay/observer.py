@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..protocol import ConnectionEnd
     from .admission import HandshakeFailure
-    from .ports import Eviction, Refusal
+    from .policy import Eviction, Refusal
     from .udp import DatagramDrop
 
 

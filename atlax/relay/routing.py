@@ -31,7 +31,7 @@ from ..sniff import (
     SniffFailure,
     http_response,
 )
-from .ports import Refusal
+from .policy import Refusal
 from .registry import PublicPort
 
 if TYPE_CHECKING:

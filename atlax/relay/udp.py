@@ -23,7 +23,7 @@ import anyio
 from ..flows import FlowTable
 from ..mux import DatagramFlow, TunnelClosedError
 from ..protocol import Origin
-from .ports import Refusal
+from .policy import Refusal
 from .registry import PublicPort
 
 if TYPE_CHECKING:
