@@ -10,7 +10,8 @@ from typing import Any
 
 from atlax.mux import MuxSession
 from atlax.protocol import Connection, Event, Role, Settings
-from atlax.protocol.frames import Frame, FrameDecoder
+from atlax.protocol.decoder import FrameDecoder
+from atlax.protocol.frames import Frame
 
 
 class FakeTransport:

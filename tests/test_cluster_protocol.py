@@ -19,8 +19,8 @@ from atlax.protocol import (
     StreamOpened,
     TunnelJoined,
 )
+from atlax.protocol.decoder import FrameDecoder
 from atlax.protocol.frames import (
-    FrameDecoder,
     FrameType,
     decode_settings,
     encode_frame,

@@ -26,8 +26,8 @@ from atlax.protocol import (
     StreamReset,
     WindowUpdated,
 )
+from atlax.protocol.decoder import FrameDecoder
 from atlax.protocol.frames import (
-    FrameDecoder,
     FrameType,
     encode_frame,
     encode_goaway_payload,

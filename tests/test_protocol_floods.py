@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from atlax.protocol import Connection, ErrorCode, RemoteProtocolError, Role, Settings
-from atlax.protocol.frames import FrameDecoder, FrameType, encode_frame, encode_u32
+from atlax.protocol.decoder import FrameDecoder
+from atlax.protocol.frames import FrameType, encode_frame, encode_u32
 from atlax.protocol.ignored import IGNORED_FRAMES_PER_SECOND
 
 

@@ -19,8 +19,8 @@ from atlax.protocol import (
     Settings,
     names,
 )
+from atlax.protocol.decoder import FrameDecoder
 from atlax.protocol.frames import (
-    FrameDecoder,
     FrameType,
     decode_open_payload,
     encode_frame,

@@ -20,8 +20,8 @@ from atlax.protocol import (
     StreamOpened,
 )
 from atlax.protocol.datagrams import DatagramDecoder, encode_datagram
+from atlax.protocol.decoder import FrameDecoder
 from atlax.protocol.frames import (
-    FrameDecoder,
     FrameType,
     encode_frame,
     encode_goaway_payload,

@@ -19,7 +19,8 @@ from atlax.idle import IdleClock, IdleOrder
 from atlax.logs import describe
 from atlax.metrics import RelayMetrics
 from atlax.protocol import ErrorCode, Origin
-from atlax.protocol.frames import FrameDecoder, FrameType
+from atlax.protocol.decoder import FrameDecoder
+from atlax.protocol.frames import FrameType
 from atlax.relay import HandshakeFailure, Refusal, Relay
 from atlax.relay.policy import limits, make_room, refusal
 from atlax.relay.registry import AgentState, PortBinding

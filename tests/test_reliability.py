@@ -32,7 +32,8 @@ from atlax.agent import Agent
 from atlax.metrics import RelayMetrics
 from atlax.mux import READ_CREDIT, TUNNEL_HIGH_WATER
 from atlax.protocol import ALPN, ErrorCode, Settings
-from atlax.protocol.frames import FrameDecoder, FrameType, encode_frame, encode_settings
+from atlax.protocol.decoder import FrameDecoder
+from atlax.protocol.frames import FrameType, encode_frame, encode_settings
 from atlax.relay import Relay
 
 pytestmark = pytest.mark.anyio

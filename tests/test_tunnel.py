@@ -34,7 +34,8 @@ from atlax.config import HostPort
 from atlax.metrics import RelayMetrics
 from atlax.mux import MuxSession, MuxStream
 from atlax.protocol import ALPN, EndReason, ErrorCode, Role, Settings
-from atlax.protocol.frames import FrameDecoder, FrameType, encode_frame, encode_settings, encode_u32
+from atlax.protocol.decoder import FrameDecoder
+from atlax.protocol.frames import FrameType, encode_frame, encode_settings, encode_u32
 from atlax.relay import TUNNEL_SETTINGS, Relay
 
 pytestmark = pytest.mark.anyio

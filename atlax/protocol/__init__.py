@@ -1,6 +1,7 @@
 """The Atlax wire protocol as a sans-I/O core: bytes in, typed events out (docs/protocol.md)."""
 
 from .connection import Connection, Role
+from .decoder import FrameDecoder
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError, error_name
 from .events import (
     ClusterSizeChanged,
@@ -16,7 +17,7 @@ from .events import (
     TunnelJoined,
     WindowUpdated,
 )
-from .frames import ALPN, Frame, FrameDecoder, FrameType, Origin, Settings
+from .frames import ALPN, Frame, FrameType, Origin, Settings
 from .keepalive import KeepaliveConfig
 from .state import ConnectionEnd, ConnectionState, EndReason
 
