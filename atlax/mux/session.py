@@ -7,7 +7,8 @@ socket and the core, so a hop costs one callback, not two task switches.
 The session keeps no lifecycle of its own: it reads `conn.state` (the table in
 `protocol/state.py`) and, once that is CLOSED, ends every stream, stops its timer and closes the
 transport, once. Why it ended is `conn.end`, a typed reason. Time comes from outside: the session
-takes a clock, and the keepalive deadline is one timer handle on the event loop.
+takes a clock, and the keepalive deadline is one timer handle on the event loop. Routing the core's
+events to streams (and accepting the streams the peer opens) is `EventRouter`, in dispatch.py.
 """
 
 from __future__ import annotations
@@ -26,30 +27,21 @@ from ..budget import BufferBudget
 from ..logs import describe
 from ..net import close_with_reset
 from ..protocol import (
-    ClusterSizeChanged,
     Connection,
     ConnectionEnd,
     ConnectionState,
-    DataReceived,
     EndReason,
     ErrorCode,
-    Event,
     KeepaliveConfig,
     Origin,
-    PongReceived,
     RemoteProtocolError,
     Role,
     Settings,
-    SettingsReceived,
-    StreamEnded,
-    StreamOpened,
-    StreamReset,
-    TunnelJoined,
-    WindowUpdated,
 )
-from .datagram import DatagramFlow, FlowState
+from .datagram import DatagramFlow
+from .dispatch import EventRouter
 from .scheduler import ReadScheduler
-from .stream import MuxStream, StreamState
+from .stream import MuxStream
 
 log = logging.getLogger("atlax.mux")
 
@@ -76,7 +68,7 @@ class TimerLoop(Protocol):
     def call_later(self, delay: float, callback: Callable[[], object], /) -> TimerHandle: ...
 
 
-class MuxSession(asyncio.BufferedProtocol):
+class MuxSession(EventRouter, asyncio.BufferedProtocol):
     """Runs the protocol over one asyncio transport (normally TLS) until either side ends it.
 
     Pass the session as the protocol when connecting (`loop.create_connection`,
@@ -409,81 +401,3 @@ class MuxSession(asyncio.BufferedProtocol):
             self._dispatch(events)
         self._sync()
         self._arm_timer()
-
-    def _dispatch(self, events: list[Event]) -> None:
-        streams, flows = self._streams, self._flows
-        for event in events:
-            if isinstance(event, DataReceived):
-                stream = streams.get(event.stream_id) or flows.get(event.stream_id)
-                if stream is not None:
-                    stream._feed(event.data)
-            elif isinstance(event, WindowUpdated):
-                stream = streams.get(event.stream_id) or flows.get(event.stream_id)
-                if stream is not None:
-                    stream._on_window()
-            elif isinstance(event, StreamOpened):
-                self._accept(event)
-            elif isinstance(event, StreamEnded):
-                stream = streams.get(event.stream_id) or flows.get(event.stream_id)
-                if stream is not None:
-                    stream._feed_eof()
-            elif isinstance(event, StreamReset):
-                stream = streams.get(event.stream_id) or flows.get(event.stream_id)
-                if stream is not None:
-                    stream._close(ErrorCode.CANCEL)  # the core has forgotten it: no RESET
-            elif isinstance(event, SettingsReceived):
-                self.scheduler.set_peer_window(event.settings.initial_window)
-                self._ready.set()
-            elif isinstance(event, PongReceived):
-                if self.on_pong is not None:
-                    self.on_pong(event.rtt)
-            elif isinstance(event, TunnelJoined):
-                self._joined.set()
-            elif isinstance(event, ClusterSizeChanged):
-                if self.on_cluster is not None:
-                    self.on_cluster(event.size)
-            # GoAwayReceived, ConnectionTerminated: the core's state says what follows.
-
-    def _accept(self, event: StreamOpened) -> None:
-        if self.conn.state is not ConnectionState.OPEN:
-            self.conn.reset_stream(event.stream_id, ErrorCode.REFUSED_STREAM)
-            return
-        stream: MuxStream | DatagramFlow
-        if event.datagram:
-            if self._flow_handler is None:
-                self.conn.reset_stream(event.stream_id, ErrorCode.UNKNOWN_SERVICE)
-                return
-            stream = DatagramFlow(self, event.stream_id, event.service, event.origin)
-            self._flows[event.stream_id] = stream
-        else:
-            if self._handler is None:
-                self.conn.reset_stream(event.stream_id, ErrorCode.REFUSED_STREAM)
-                return
-            stream = MuxStream(
-                self, event.stream_id, event.service, event.origin, event.proxy_protocol
-            )
-            self._streams[event.stream_id] = stream
-        if self._tg is None:
-            self._unhandled.append(stream)
-        else:
-            self._tg.start_soon(self._run_handler, stream)
-
-    async def _run_handler(self, stream: MuxStream | DatagramFlow) -> None:
-        try:
-            if isinstance(stream, DatagramFlow):
-                assert self._flow_handler is not None
-                await self._flow_handler(stream)
-            else:
-                assert self._handler is not None
-                await self._handler(stream)
-        except Exception:
-            log.exception("%s: stream %d handler failed", self.name, stream.stream_id)
-            stream._close(ErrorCode.INTERNAL_ERROR)
-        finally:
-            waiting = (
-                stream.state is FlowState.WAITING
-                if isinstance(stream, DatagramFlow)
-                else stream.state is StreamState.CONNECTING
-            )
-            if waiting:  # neither joined to a socket nor reset
-                stream._close(ErrorCode.CANCEL)
