@@ -18,8 +18,9 @@ import anyio.abc
 import h11
 
 from . import certs
+from .addresses import HostPort
 from .agent import Agent
-from .config import AgentSettings, AgentSpec, HostPort, RelaySettings, ServiceSpec
+from .config import AgentSettings, AgentSpec, RelaySettings, ServiceSpec
 from .relay import Relay
 
 log = logging.getLogger("atlax.demo")

@@ -19,8 +19,9 @@ import anyio.abc
 import pytest
 
 from atlax import certs
+from atlax.addresses import HostPort
 from atlax.agent import Agent
-from atlax.config import AgentSettings, AgentSpec, HostPort, RelaySettings, ServiceSpec
+from atlax.config import AgentSettings, AgentSpec, RelaySettings, ServiceSpec
 from atlax.demo import free_port
 from atlax.relay import Relay
 from atlax.relay_main import RelayMain

@@ -28,9 +28,9 @@ from conftest import (
     wait_until,
 )
 
+from atlax.addresses import HostPort
 from atlax.agent import TUNNEL_SETTINGS, Agent
 from atlax.agent.services import Services
-from atlax.config import HostPort
 from atlax.metrics import RelayMetrics
 from atlax.mux import MuxSession, TunnelClosedError
 from atlax.protocol import ErrorCode, Role, Settings

@@ -28,8 +28,9 @@ from conftest import (
 from prometheus_client.parser import text_string_to_metric_families
 from proxyprotocol.v2 import ProxyProtocolV2
 
+from atlax.addresses import HostPort
 from atlax.agent import Agent
-from atlax.config import AgentSpec, HostPort, ServiceSpec
+from atlax.config import AgentSpec, ServiceSpec
 from atlax.http import request
 from atlax.relay_main import RelayMain
 

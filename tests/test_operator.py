@@ -34,8 +34,9 @@ from conftest import (
 from controlplane import ControlPlane
 
 from atlax import certs
+from atlax.addresses import HostPort
 from atlax.agent import Agent
-from atlax.config import AgentSettings, HostPort
+from atlax.config import AgentSettings
 from atlax.control.client import ControlClient, ControlSocketError
 
 NS = "default"

@@ -34,9 +34,10 @@ from pods import (
     tunnel_agent,
 )
 
+from atlax.addresses import HostPort
 from atlax.agent import Agent
 from atlax.bench.cluster import RolloutResult, client_at_rate
-from atlax.config import AgentSettings, HostPort
+from atlax.config import AgentSettings
 from atlax.control.client import ControlClient
 
 # Three relay pods and a fourth address for the pod a rollout surges.

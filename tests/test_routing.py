@@ -28,8 +28,9 @@ from conftest import (
 )
 
 from atlax import certs
+from atlax.addresses import HostPort
 from atlax.agent import Agent
-from atlax.config import AgentSpec, HostPort, ServiceSpec
+from atlax.config import AgentSpec, ServiceSpec
 from atlax.demo import free_port
 from atlax.relay_main import RelayMain
 

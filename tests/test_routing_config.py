@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from atlax.addresses import ServiceTarget
 from atlax.config import (
     AgentSpec,
     ConfigError,
     ServiceSpec,
-    ServiceTarget,
     load_agent_config,
     load_relay_config,
     parse_agent_spec,

@@ -29,8 +29,8 @@ from conftest import (
     wait_until,
 )
 
+from atlax.addresses import HostPort
 from atlax.agent import Agent
-from atlax.config import HostPort
 from atlax.metrics import RelayMetrics
 from atlax.mux import MuxSession, MuxStream
 from atlax.protocol import ALPN, EndReason, ErrorCode, Role, Settings

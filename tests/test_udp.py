@@ -24,9 +24,10 @@ from conftest import (
     wait_until,
 )
 
+from atlax.addresses import ServiceTarget
 from atlax.agent import Agent
 from atlax.agent import tunnel as agent_tunnel
-from atlax.config import AgentSpec, ServiceSpec, ServiceTarget
+from atlax.config import AgentSpec, ServiceSpec
 from atlax.protocol import Settings
 from atlax.relay_main import RelayMain
 

@@ -23,7 +23,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ..config import AgentSettings, HostPort, ServiceTarget
+from ..addresses import HostPort, ServiceTarget
+from ..config import AgentSettings
 from ..mux import MuxSession
 from ..protocol import ErrorCode
 from ..tls import file_fingerprint

@@ -24,7 +24,7 @@ from proxyprotocol.result import (
 )
 from proxyprotocol.v2 import ProxyProtocolV2
 
-from ..config import HostPort, ServiceTarget
+from ..addresses import HostPort, ServiceTarget
 from ..logs import describe
 from ..mux import DatagramFlow, MuxStream
 from ..protocol import ErrorCode, Origin
