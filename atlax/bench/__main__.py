@@ -22,17 +22,13 @@ from typing import Any
 
 from .cluster import ClusterLab
 from .haproxy import HAPROXY
-from .harness import (
-    SNI_NAME,
-    BenchError,
-    Lab,
-    Ports,
+from .harness import SNI_NAME, BenchError, Lab, Ports, raise_fd_limit
+from .measure import (
     client_hello,
     connect_ms,
     hello_connect_ms,
     idle_streams_rss,
     percentile,
-    raise_fd_limit,
     rtt_samples,
     stalled_neighbour_ratio,
     throughput,
