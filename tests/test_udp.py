@@ -128,6 +128,25 @@ async def udp_tunnel(
         yield relay, agent, port
 
 
+@asynccontextmanager
+async def echoed_flow(
+    pki: Pki, **options: object
+) -> AsyncIterator[tuple[RelayMain, Agent, int, socket.socket]]:
+    """A UDP echo service through the tunnel, and a client whose first datagram came back: one
+    live flow."""
+    echo = EchoService()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(echo.serve)
+        target = ServiceTarget("127.0.0.1", echo.port, "udp")
+        async with udp_tunnel(pki, target, **options) as (relay, agent, port):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.settimeout(10)
+                client.sendto(b"one", ("127.0.0.1", port))
+                assert await anyio.to_thread.run_sync(client.recv, 100) == b"one"
+                yield relay, agent, port, client
+        tg.cancel_scope.cancel()
+
+
 def value(relay: RelayMain, name: str, **labels: str) -> float:
     return relay.metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -199,25 +218,16 @@ def _drain(sock: socket.socket) -> list[bytes]:
 
 
 async def test_idle_flows_end_and_come_back(pki: Pki) -> None:
-    echo = EchoService()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(echo.serve)
-        target = ServiceTarget("127.0.0.1", echo.port, "udp")
-        async with udp_tunnel(pki, target, udp_idle_timeout=0.5) as (relay, agent, port):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-                client.settimeout(10)
-                client.sendto(b"one", ("127.0.0.1", port))
-                assert await anyio.to_thread.run_sync(client.recv, 100) == b"one"
-                binding = relay.registry.binding(port, "udp")
-                assert binding is not None
-                await wait_until(lambda: binding.connections == 0, 10, "the idle flow to end")
-                session = agent.session
-                assert session is not None  # the RESET reaches the agent, which closes its socket
-                await wait_until(lambda: session.active_streams == 0, 10, "the agent's flow to end")
-                client.sendto(b"two", ("127.0.0.1", port))  # the same client: a new flow
-                assert await anyio.to_thread.run_sync(client.recv, 100) == b"two"
-                assert streams_total(relay) == 2
-        tg.cancel_scope.cancel()
+    async with echoed_flow(pki, udp_idle_timeout=0.5) as (relay, agent, port, client):
+        binding = relay.registry.binding(port, "udp")
+        assert binding is not None
+        await wait_until(lambda: binding.connections == 0, 10, "the idle flow to end")
+        session = agent.session
+        assert session is not None  # the RESET reaches the agent, which closes its socket
+        await wait_until(lambda: session.active_streams == 0, 10, "the agent's flow to end")
+        client.sendto(b"two", ("127.0.0.1", port))  # the same client: a new flow
+        assert await anyio.to_thread.run_sync(client.recv, 100) == b"two"
+        assert streams_total(relay) == 2
 
 
 async def test_a_flood_from_many_source_ports_is_refused_before_the_agent(pki: Pki) -> None:
@@ -337,23 +347,14 @@ def test_drop_labels_are_the_documented_ones() -> None:
 async def test_removing_the_agent_closes_its_udp_port_and_flows(
     pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
-    echo = EchoService()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(echo.serve)
-        target = ServiceTarget("127.0.0.1", echo.port, "udp")
-        async with udp_tunnel(pki, target) as (relay, agent, port):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-                client.settimeout(10)
-                client.sendto(b"one", ("127.0.0.1", port))
-                assert await anyio.to_thread.run_sync(client.recv, 100) == b"one"
-                public = relay.registry.port(port, "udp")
-                assert public is not None
-                assert await relay.registry.remove_agent("home-nas")
-                assert relay.registry.port(port, "udp") is None
-                await wait_until(lambda: all(s.fileno() == -1 for s in public.listeners), 10)
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
-                    again.bind(("127.0.0.1", port))  # the port is free again
-        tg.cancel_scope.cancel()
+    async with echoed_flow(pki) as (relay, agent, port, client):
+        public = relay.registry.port(port, "udp")
+        assert public is not None
+        assert await relay.registry.remove_agent("home-nas")
+        assert relay.registry.port(port, "udp") is None
+        await wait_until(lambda: all(s.fileno() == -1 for s in public.listeners), 10)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+            again.bind(("127.0.0.1", port))  # the port is free again
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 
@@ -362,18 +363,9 @@ async def test_a_draining_relay_ends_its_udp_flows_instead_of_waiting_for_them(p
     they end at once (the agent closes its sockets) and the drain is over when the TCP streams
     are. It waited for them until drain_timeout: every relay that had answered a DNS query in the
     last minute took the whole drain_timeout to stop."""
-    echo = EchoService()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(echo.serve)
-        target = ServiceTarget("127.0.0.1", echo.port, "udp")
-        async with udp_tunnel(pki, target, udp_idle_timeout=600.0) as (relay, agent, port):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-                client.settimeout(10)
-                client.sendto(b"one", ("127.0.0.1", port))
-                assert await anyio.to_thread.run_sync(client.recv, 100) == b"one"
-                session = agent.session
-                assert session is not None and session.active_streams == 1
-                with anyio.fail_after(120):  # far below the grace: the drain did not wait it out
-                    await relay.shutdown(grace=600.0)
-                await wait_until(lambda: session.active_streams == 0, 10, "the agent's flow to end")
-        tg.cancel_scope.cancel()
+    async with echoed_flow(pki, udp_idle_timeout=600.0) as (relay, agent, port, client):
+        session = agent.session
+        assert session is not None and session.active_streams == 1
+        with anyio.fail_after(120):  # far below the grace: the drain did not wait it out
+            await relay.shutdown(grace=600.0)
+        await wait_until(lambda: session.active_streams == 0, 10, "the agent's flow to end")
